@@ -1,0 +1,1 @@
+"""Hugging Face checkpoint → edgevlm model package. Needs the `export` extra (torch, transformers, optimum, onnx)."""
