@@ -1,0 +1,324 @@
+"""`edgevlm export`: a Hugging Face VLM checkpoint → a verified edgevlm model package.
+
+Steps: check the source and the output folder, load the model and processor, export the three graphs (vision
+encoder, token embeddings, decoder with KV cache), write tokenizer, chat template and model.json with checksums,
+then verify the package against transformers and exit non-zero if it does not match.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from ..runtime.package import FORMAT, FORMAT_VERSION, MANIFEST, ModelPackage, sha256_file
+
+SUPPORTED = "idefics3 (SmolVLM-256M/500M/2.2B-Instruct, Idefics3)"
+OPSET = 17
+# A protobuf file cannot exceed 2 GB: bigger graphs keep their weights in one external file beside them.
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
+GRAPH_FILES = {
+    "vision_encoder": "vision_encoder.onnx",
+    "embed_tokens": "embed_tokens.onnx",
+    "decoder": "decoder_model_merged.onnx",
+}
+
+
+class ExportError(Exception):
+    """A user-facing problem (bad source, unsupported model, no space): printed as one line, no traceback."""
+
+
+class Progress:
+    def __init__(self, stream=sys.stderr):
+        self.start = time.perf_counter()
+        self.stream = stream
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.start:7.1f}s] {message}", file=self.stream, flush=True)
+
+
+def _read_config(source: str, hub_kwargs: dict) -> dict:
+    path = Path(source)
+    if path.exists():
+        if not path.is_dir():
+            raise ExportError(f"{source} is a file; give the checkpoint folder (with config.json and weights)")
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise ExportError(f"{source} has no config.json: not a Hugging Face checkpoint folder")
+        try:
+            return json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ExportError(f"{config_path} is not readable JSON ({exc})") from None
+    looks_like_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ExportError(f"checkpoint not found: {source} (a local folder or a Hugging Face hub id like org/name)")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        config_file = hf_hub_download(source, "config.json", **hub_kwargs)
+        return json.loads(Path(config_file).read_text(encoding="utf-8"))
+    except Exception as exc:  # offline, unknown repo, gated repo: all one message for the user
+        raise ExportError(
+            f"checkpoint not found: {source} is not a local folder, and fetching it from the Hugging Face hub "
+            f"failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+
+
+def _family_for(config: dict):
+    from .families import idefics3
+
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or []
+    for family in (idefics3,):
+        if model_type in family.MODEL_TYPES or any(a in family.ARCHITECTURES for a in architectures):
+            return family
+    names = ", ".join(architectures) or "unknown architecture"
+    raise ExportError(f"unsupported model: {names} (model_type {model_type!r}); supported families: {SUPPORTED}")
+
+
+def _prepare_output(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"output {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise ExportError(f"output folder {out_dir} is not empty (pass --overwrite to replace its contents)")
+        if not (out_dir / MANIFEST).is_file():
+            raise ExportError(f"refusing to overwrite {out_dir}: it is not empty and holds no edgevlm package")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _check_space(out_dir: Path, needed: int) -> None:
+    free = shutil.disk_usage(out_dir).free
+    if free < needed:
+        raise ExportError(
+            f"not enough disk space in {out_dir}: the package needs about {needed / 1e6:,.0f} MB, "
+            f"{free / 1e6:,.0f} MB free"
+        )
+
+
+def _save_external_if_large(path: Path) -> list[str]:
+    """Graphs over 2 GB keep their weights in one `<name>_data` file; returns the files that make up the graph."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {
+        entry.value
+        for init in model.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL
+        for entry in init.external_data if entry.key == "location"
+    }
+    if not locations and path.stat().st_size < EXTERNAL_DATA_THRESHOLD:
+        return [path.name]
+    # torch's exporter writes one file per tensor; gather them into a single file beside the graph.
+    data_name = path.name + "_data"
+    model = onnx.load(str(path), load_external_data=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+    for location in locations - {data_name}:
+        (path.parent / location).unlink(missing_ok=True)
+    return [path.name, data_name]
+
+
+def _graph_io(path: Path) -> dict:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values):
+        out = {}
+        for v in values:
+            tensor = v.type.tensor_type
+            shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+            out[v.name] = {"dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name, "shape": shape}
+        return out
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def _export_graphs(family, model, work: Path, progress: Progress) -> dict[str, list[str]]:
+    import torch
+    from optimum.exporters.onnx.convert import export_pytorch
+
+    files: dict[str, list[str]] = {}
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about every Python-level branch it freezes; the ones here are checked by verification
+        # (a second input shape, past length 0 and > 0), so they only bury the progress lines.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*aten::index.*")
+        progress("vision_encoder: tracing and exporting (torch.onnx, TorchScript exporter)")
+        vision = family.VisionEncoder(model).eval()
+        pixel_values, pixel_mask = family.vision_dummy_inputs(model)
+        path = work / GRAPH_FILES["vision_encoder"]
+        torch.onnx.export(
+            vision, (pixel_values, pixel_mask), str(path),
+            input_names=["pixel_values", "pixel_attention_mask"], output_names=["image_features"],
+            dynamic_axes={
+                "pixel_values": {0: "batch_size", 1: "num_images", 3: "height", 4: "width"},
+                "pixel_attention_mask": {0: "batch_size", 1: "num_images", 2: "height", 3: "width"},
+                "image_features": {0: "num_real_images", 1: "image_sequence_length"},
+            },
+            opset_version=OPSET, dynamo=False,
+        )
+        files["vision_encoder"] = _save_external_if_large(path)
+        progress(f"vision_encoder: done ({_size_mb(work, files['vision_encoder'])})")
+
+        progress("embed_tokens: exporting")
+        path = work / GRAPH_FILES["embed_tokens"]
+        torch.onnx.export(
+            family.EmbedTokens(model).eval(), (torch.tensor([[1, 2, 3], [4, 5, 6]]),), str(path),
+            input_names=["input_ids"], output_names=["inputs_embeds"],
+            dynamic_axes={"input_ids": {0: "batch_size", 1: "sequence_length"},
+                          "inputs_embeds": {0: "batch_size", 1: "sequence_length"}},
+            opset_version=OPSET, dynamo=False,
+        )
+        files["embed_tokens"] = _save_external_if_large(path)
+        progress(f"embed_tokens: done ({_size_mb(work, files['embed_tokens'])})")
+
+        progress("decoder_model_merged: exporting with optimum's ONNX config and model patcher")
+        path = work / GRAPH_FILES["decoder"]
+        export_pytorch(family.Decoder(model).eval(), family.decoder_onnx_config(model.config.text_config),
+                       OPSET, path)
+        files["decoder"] = _save_external_if_large(path)
+        progress(f"decoder_model_merged: done ({_size_mb(work, files['decoder'])})")
+    return files
+
+
+def _size_mb(folder: Path, names: list[str]) -> str:
+    return f"{sum((folder / n).stat().st_size for n in names) / 1e6:,.1f} MB"
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("edgevlm", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "tokenizers"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _generation_defaults(model) -> dict:
+    gen = model.generation_config
+    return {
+        "temperature": 0.0 if not gen.do_sample else float(gen.temperature or 1.0),
+        "top_p": float(gen.top_p or 1.0) if gen.do_sample else 1.0,
+        "max_tokens": 512,
+    }
+
+
+def export_package(source: str, out_dir: str | Path, *, quant: str = "fp32", overwrite: bool = False,
+                   verify: bool = True, greedy_tokens: int = 16, revision: str | None = None,
+                   progress: Progress | None = None) -> tuple[ModelPackage, object]:
+    """Export `source` (local folder or hub id) to `out_dir`; returns the package and the verification report."""
+    progress = progress or Progress()
+    if quant != "fp32":
+        raise ExportError(f"quantization {quant!r} is not supported yet: this version writes fp32 packages")
+    out_dir = Path(out_dir)
+    hub_kwargs = {"revision": revision} if revision else {}
+    config = _read_config(source, hub_kwargs)
+    family = _family_for(config)
+    _prepare_output(out_dir, overwrite)
+
+    progress(f"loading {source} ({family.FAMILY})")
+    try:
+        model = family.load_model(source, **hub_kwargs)
+        processor = family.load_processor(source, **hub_kwargs)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot load the checkpoint {source}: {str(exc).splitlines()[0]}") from None
+    params = sum(p.numel() for p in model.parameters())
+    progress(f"loaded: {params / 1e6:,.1f} M parameters")
+    # fp32 graphs hold about every weight once (the embedding table is shared between graphs only by value).
+    _check_space(out_dir, int(params * 4 * 1.15) + 50_000_000)
+
+    try:
+        files = _export_graphs(family, model, out_dir, progress)
+        metadata = family.package_metadata(model, processor)
+        processor.tokenizer.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
+        template = processor.chat_template or processor.tokenizer.chat_template
+        if not template:
+            raise ExportError(f"{source} has no chat template (chat_template.json / .jinja / tokenizer_config)")
+        (out_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise ExportError(f"out of disk space while writing the package to {out_dir}") from None
+        raise
+
+    graphs = {}
+    for graph, names in files.items():
+        entry = {"file": names[0], **_graph_io(out_dir / names[0]), "quantization": quant}
+        if len(names) > 1:
+            entry["external_data"] = names[1:]
+        graphs[graph] = entry
+    graphs["decoder"]["form"] = "portable"
+    graphs["decoder"]["kv_dtype"] = "float32"
+
+    listed = [n for names in files.values() for n in names] + ["tokenizer.json", "chat_template.jinja"]
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": out_dir.resolve().name,
+        "family": family.FAMILY,
+        "architecture": (config.get("architectures") or [family.ARCHITECTURES[0]])[0],
+        "quantization": quant,
+        "graphs": graphs,
+        **metadata,
+        "tokenizer": "tokenizer.json",
+        "chat_template": "chat_template.jinja",
+        "generation": _generation_defaults(model),
+        "source": {"checkpoint": str(source), "revision": revision,
+                   "model_type": config.get("model_type")},
+        "export": {"opset": OPSET, "versions": _versions(),
+                   "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+        "files": {name: {"bytes": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)}
+                  for name in listed},
+    }
+    _write_manifest(out_dir, manifest)
+    package = ModelPackage.load(out_dir)
+    progress(f"package written: {_size_mb(out_dir, listed)} in {out_dir}")
+
+    report = None
+    if verify:
+        from .verify import verify_package
+
+        progress(f"verifying against transformers (each graph on a real input, greedy {greedy_tokens} tokens)")
+        report = verify_package(model, processor, package, greedy_tokens=greedy_tokens)
+        manifest["verification"] = report.to_dict()
+        _write_manifest(out_dir, manifest)
+        package = ModelPackage.load(out_dir, verify=False)
+    return package, report
+
+
+def _write_manifest(out_dir: Path, manifest: dict) -> None:
+    tmp = out_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / MANIFEST)
+
+
+def main(args) -> int:
+    """Entry point for `edgevlm export` (args from runtime/cli.py's parser)."""
+    progress = Progress()
+    try:
+        package, report = export_package(args.source, args.out_dir, quant=args.quant, overwrite=args.overwrite,
+                                         verify=not args.no_verify, greedy_tokens=args.verify_tokens,
+                                         revision=args.revision, progress=progress)
+    except ExportError as exc:
+        print(f"edgevlm export: error: {exc}", file=sys.stderr)
+        return 2
+    if report is None:
+        progress("verification skipped (--no-verify)")
+        return 0
+    for line in report.lines():
+        print(line, file=sys.stderr)
+    if not report.ok:
+        print(f"edgevlm export: error: the package in {args.out_dir} does not match transformers", file=sys.stderr)
+        return 1
+    progress(f"done: {package.path}")
+    return 0

@@ -1,0 +1,105 @@
+"""Random-weight Idefics3 checkpoints built from a model card's real metadata.
+
+No pretrained weights can be downloaded where this project is tested, so tests and benchmarks build checkpoints
+from a model card folder (config, tokenizer, chat template, processor configs): either at the card's real size
+(speed does not depend on the weight values) or shrunk. Shrinking keeps the real tokenizer, special tokens and chat
+template, and shrinks the image size and image sequence length consistently, so the processor, the image-token
+layout and every export and runtime code path are exercised as they are for the real model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+# Files copied from the model card unchanged (when present).
+_CARD_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+@dataclass(frozen=True)
+class TinyDims:
+    """Widths and depths for a shrunk Idefics3 model (vision tower, connector, Llama text model)."""
+
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    vision_intermediate: int = 64
+    image_size: int = 64  # one tile's side in pixels (the real model: 512)
+    patch_size: int = 8  # 8×8 patches per tile
+    scale_factor: int = 2  # pixel shuffle: 64 patches → 16 image tokens per tile
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 128
+    max_positions: int = 2048
+    # Resize target for the longest edge before splitting, in tiles (the real model: 2048 = 4 × 512).
+    longest_edge_tiles: int = 4
+
+
+def build_random_idefics3(card_dir: str | Path, out_dir: str | Path, *, dims: TinyDims | None = None,
+                          seed: int = 0) -> Path:
+    """Write a random-weight Idefics3ForConditionalGeneration checkpoint to `out_dir`.
+
+    With `dims=None` the card's real dimensions are kept (e.g. SmolVLM-256M for benchmarks); otherwise the model is
+    shrunk to `dims`. Returns `out_dir`.
+    """
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    card_dir, out_dir = Path(card_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_dict = json.loads((card_dir / "config.json").read_text())
+    preprocessor = json.loads((card_dir / "preprocessor_config.json").read_text())
+    processor = json.loads((card_dir / "processor_config.json").read_text())
+
+    if dims is not None:
+        vision, text = config_dict["vision_config"], config_dict["text_config"]
+        vision.update(
+            hidden_size=dims.vision_hidden,
+            num_hidden_layers=dims.vision_layers,
+            num_attention_heads=dims.vision_heads,
+            intermediate_size=dims.vision_intermediate,
+            image_size=dims.image_size,
+            patch_size=dims.patch_size,
+            max_image_size={"longest_edge": dims.image_size},
+            size={"longest_edge": dims.image_size * dims.longest_edge_tiles},
+        )
+        text.update(
+            hidden_size=dims.text_hidden,
+            num_hidden_layers=dims.text_layers,
+            num_attention_heads=dims.text_heads,
+            num_key_value_heads=dims.text_kv_heads,
+            head_dim=dims.text_hidden // dims.text_heads,
+            intermediate_size=dims.text_intermediate,
+            max_position_embeddings=dims.max_positions,
+        )
+        config_dict["scale_factor"] = dims.scale_factor
+        preprocessor["max_image_size"] = {"longest_edge": dims.image_size}
+        preprocessor["size"] = {"longest_edge": dims.image_size * dims.longest_edge_tiles}
+        processor["image_seq_len"] = (dims.image_size // dims.patch_size) ** 2 // dims.scale_factor**2
+
+    # Random weights are made and saved in float32: the checkpoint is a reference for fp32 parity.
+    config_dict["torch_dtype"] = "float32"
+    config_dict["text_config"]["torch_dtype"] = "float32"
+    config = Idefics3Config(**config_dict)
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+    for name in _CARD_FILES:
+        if (card_dir / name).exists():
+            shutil.copyfile(card_dir / name, out_dir / name)
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    (out_dir / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    return out_dir

@@ -1,0 +1,150 @@
+"""onnxruntime sessions for a model package's three graphs, and the prefill / decode steps with a KV cache.
+
+Data flow: pixel values → `encode_images` → image features; prompt ids → `embed` → token embeddings;
+`splice_image_features` puts the image features at the image-token positions; `forward` runs the decoder on new
+embeddings after what the cache already holds and returns the logits of every new position plus the grown cache.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import ContextLengthError, InvalidRequestError, PackageError
+from .package import ModelPackage
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values, [batch, kv_heads, length, head_dim] each, and the length they hold."""
+
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
+
+
+def _providers(device: str) -> list[str]:
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise PackageError(
+                "device 'cuda' was asked for, but this onnxruntime has no CUDA provider "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu in place of onnxruntime"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise PackageError(f"unknown device {device!r} (use 'cpu' or 'cuda')")
+
+
+class Engine:
+    def __init__(self, package: ModelPackage, *, device: str = "cpu", threads: int | None = None):
+        self.package = package
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.log_severity_level = 3
+        providers = _providers(device)
+
+        def session(graph: str) -> ort.InferenceSession:
+            try:
+                return ort.InferenceSession(str(package.graph_path(graph)), options, providers=providers)
+            except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+                raise PackageError(f"model package {package.path}: cannot load the {graph} graph: {exc}") from None
+
+        self.vision = session("vision_encoder")
+        self.embed_tokens = session("embed_tokens")
+        self.decoder = session("decoder")
+        text = package.text
+        self.num_layers = text["num_layers"]
+        self.kv_heads = text["num_key_value_heads"]
+        self.head_dim = text["head_dim"]
+        self.context_length = text["context_length"]
+        self.image_token_id = package.tokens["image_token_id"]
+        self._kv_dtype = np.dtype(package.graph("decoder").get("kv_dtype", "float32"))
+
+    def encode_images(self, pixel_values: np.ndarray, pixel_attention_mask: np.ndarray) -> np.ndarray:
+        """[1, N, 3, H, W] float32 + [1, N, H, W] bool → [N, image_seq_len, hidden] image features."""
+        (features,) = self.vision.run(
+            None,
+            {"pixel_values": pixel_values.astype(np.float32, copy=False),
+             "pixel_attention_mask": pixel_attention_mask.astype(bool, copy=False)},
+        )
+        return features
+
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        (embeds,) = self.embed_tokens.run(None, {"input_ids": np.asarray(input_ids, dtype=np.int64)})
+        return embeds
+
+    def splice_image_features(self, input_ids: np.ndarray, inputs_embeds: np.ndarray,
+                              image_features: np.ndarray | None) -> np.ndarray:
+        """Replace the embeddings at image-token positions with the image features, in order."""
+        positions = np.asarray(input_ids) == self.image_token_id
+        count = int(positions.sum())
+        features = (np.zeros((0, inputs_embeds.shape[-1]), inputs_embeds.dtype) if image_features is None
+                    else image_features.reshape(-1, inputs_embeds.shape[-1]))
+        if count != features.shape[0]:
+            raise InvalidRequestError(
+                f"the prompt has {count} image tokens but the images give {features.shape[0]} image features",
+                param="messages",
+            )
+        if count:
+            inputs_embeds = inputs_embeds.copy()
+            inputs_embeds[positions] = features
+        return inputs_embeds
+
+    def empty_cache(self, batch: int = 1) -> KVCache:
+        shape = (batch, self.kv_heads, 0, self.head_dim)
+        return KVCache(
+            keys=[np.zeros(shape, self._kv_dtype) for _ in range(self.num_layers)],
+            values=[np.zeros(shape, self._kv_dtype) for _ in range(self.num_layers)],
+        )
+
+    def forward(self, inputs_embeds: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """Run the decoder on `inputs_embeds` [B, S, hidden] after the cache; → logits [B, S, vocab], new cache."""
+        batch, seq = inputs_embeds.shape[:2]
+        past = cache.length
+        if past + seq > self.context_length:
+            raise ContextLengthError(
+                f"the conversation needs {past + seq} tokens, more than the model's context of "
+                f"{self.context_length} tokens",
+                param="messages",
+            )
+        feeds = {
+            "inputs_embeds": inputs_embeds.astype(np.float32, copy=False),
+            "attention_mask": np.ones((batch, past + seq), dtype=np.int64),
+            "position_ids": np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (batch, seq)),
+        }
+        for i in range(self.num_layers):
+            feeds[f"past_key_values.{i}.key"] = cache.keys[i]
+            feeds[f"past_key_values.{i}.value"] = cache.values[i]
+        logits, *present = self.decoder.run(None, feeds)
+        return logits, KVCache(keys=present[0::2], values=present[1::2])
+
+    def prefill(self, input_ids: np.ndarray, image_features: np.ndarray | None = None) -> tuple[np.ndarray, KVCache]:
+        """Embed the prompt, splice in image features, run it through the decoder from an empty cache."""
+        input_ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
+        embeds = self.splice_image_features(input_ids, self.embed(input_ids), image_features)
+        return self.forward(embeds, self.empty_cache())
+
+    def decode_step(self, token_id: int, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        embeds = self.embed(np.array([[token_id]], dtype=np.int64))
+        return self.forward(embeds, cache)
+
+    def greedy(self, input_ids: np.ndarray, image_features: np.ndarray | None, max_new_tokens: int,
+               stop_ids: tuple[int, ...] = ()) -> list[int]:
+        """Greedy decoding with the KV cache: argmax at every step, stop on an id in `stop_ids`."""
+        logits, cache = self.prefill(input_ids, image_features)
+        tokens: list[int] = []
+        while len(tokens) < max_new_tokens:
+            token = int(np.argmax(logits[0, -1]))
+            tokens.append(token)
+            if token in stop_ids or len(tokens) == max_new_tokens:
+                break
+            logits, cache = self.decode_step(token, cache)
+        return tokens

@@ -1,0 +1,96 @@
+"""`edgevlm export` through its real command line: progress, verification report, and one-line user errors."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgevlm.export import convert
+
+
+def run_export(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "edgevlm.runtime.cli", "export", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("edgevlm export: error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+def test_export_writes_a_verified_package_and_reports_progress(tiny_checkpoint, tmp_path):
+    out = tmp_path / "pkg"
+    result = run_export(str(tiny_checkpoint), str(out), "--verify-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    for graph in ("vision_encoder", "embed_tokens", "decoder_model_merged"):
+        assert f"{graph}: done" in result.stderr
+        assert (out / f"{graph}.onnx").is_file()
+    assert "greedy 8 tokens with KV cache: identical to transformers.generate" in result.stderr
+    assert "FAIL" not in result.stderr
+    manifest = json.loads((out / "model.json").read_text())
+    assert manifest["verification"]["ok"] is True
+    assert manifest["verification"]["max_abs_diff"]["decoder prefill logits"] <= 1e-3
+
+    # A second export into the same folder needs --overwrite.
+    assert_one_line_error(run_export(str(tiny_checkpoint), str(out)), "is not empty", "--overwrite")
+
+
+def test_unsupported_architecture_names_the_supported_families(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    assert_one_line_error(run_export(str(tmp_path), str(tmp_path / "out")),
+                          "unsupported model: BertModel", "supported families: idefics3")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_checkpoint_and_unreachable_hub_id(tmp_path):
+    assert_one_line_error(run_export(str(tmp_path / "no-such-folder"), str(tmp_path / "out")),
+                          "checkpoint not found")
+    assert_one_line_error(run_export("edgevlm-tests/no-such-model", str(tmp_path / "out")),
+                          "checkpoint not found", "Hugging Face hub")
+
+
+def test_unreadable_config_and_missing_weights(tiny_checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ this is not json")
+    assert_one_line_error(run_export(str(broken), str(tmp_path / "out")), "config.json is not readable JSON")
+
+    no_weights = shutil.copytree(tiny_checkpoint, tmp_path / "no-weights")
+    (no_weights / "model.safetensors").unlink()
+    assert_one_line_error(run_export(str(no_weights), str(tmp_path / "out2")), "cannot load the checkpoint")
+
+
+def _args(source, out) -> argparse.Namespace:
+    return argparse.Namespace(source=str(source), out_dir=str(out), quant="fp32", overwrite=False,
+                              no_verify=True, verify_tokens=4, revision=None)
+
+
+def test_out_of_space_before_export_is_one_clear_line(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(convert.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
+    assert convert.main(_args(tiny_checkpoint, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "edgevlm export: error: not enough disk space" in err and "Traceback" not in err
+
+
+def test_disk_filling_up_during_export_is_one_clear_line(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(convert, "_export_graphs", full_disk)
+    assert convert.main(_args(tiny_checkpoint, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "edgevlm export: error: out of disk space while writing the package" in err
