@@ -99,8 +99,6 @@ def _max_diff(a, b) -> float:
 @torch.no_grad()
 def verify_package(model, processor, package: ModelPackage, *, greedy_tokens: int = 16,
                    atol: float = FP32_ATOL) -> Report:
-    from .families.idefics3 import Decoder, EmbedTokens
-
     engine = Engine(package)
     report = Report()
     eos_ids = list(package.tokens["eos_token_ids"])
@@ -115,29 +113,27 @@ def verify_package(model, processor, package: ModelPackage, *, greedy_tokens: in
     features = engine.encode_images(pixel_values.numpy(), pixel_mask.numpy())
     report.checks.append(("vision_encoder features", _max_diff(features, hf_features), atol))
 
-    ref_embeds = EmbedTokens(model)(input_ids)
+    # The references are transformers' own modules, not the export wrappers.
+    ref_embeds = model.get_input_embeddings()(input_ids)
     embeds = engine.embed(input_ids.numpy())
     report.checks.append(("embed_tokens", _max_diff(embeds, ref_embeds), atol))
 
     # The decoder graph alone: same spliced embeddings in, prefill then one decode step with the cache.
     spliced = engine.splice_image_features(input_ids.numpy(), ref_embeds.numpy(), hf_features.numpy())
-    decoder = Decoder(model)
-    from transformers import DynamicCache
-
     seq = spliced.shape[1]
-    cache = DynamicCache()
-    ref_out = decoder(torch.from_numpy(spliced), torch.ones(1, seq, dtype=torch.long),
-                      torch.arange(seq).unsqueeze(0), cache)
+    ref_out = model(inputs_embeds=torch.from_numpy(spliced), attention_mask=torch.ones(1, seq, dtype=torch.long),
+                    use_cache=True)
     logits, kv = engine.forward(spliced, engine.empty_cache())
-    report.checks.append(("decoder prefill logits", _max_diff(logits, ref_out["logits"]), atol))
-    next_token = int(ref_out["logits"][0, -1].argmax())
-    step_embeds = EmbedTokens(model)(torch.tensor([[next_token]]))
-    ref_step = decoder(step_embeds, torch.ones(1, seq + 1, dtype=torch.long), torch.tensor([[seq]]),
-                       ref_out["past_key_values"])
-    step_logits, kv = engine.forward(step_embeds.numpy(), kv)
-    report.checks.append(("decoder decode-step logits", _max_diff(step_logits, ref_step["logits"]), atol))
+    report.checks.append(("decoder prefill logits", _max_diff(logits, ref_out.logits), atol))
+    next_token = torch.tensor([[int(ref_out.logits[0, -1].argmax())]])
+    ref_step = model(input_ids=next_token, attention_mask=torch.ones(1, seq + 1, dtype=torch.long),
+                     past_key_values=ref_out.past_key_values, use_cache=True)
+    step_logits, kv = engine.decode_step(int(next_token), kv)
+    report.checks.append(("decoder decode-step logits", _max_diff(step_logits, ref_step.logits), atol))
+    ref_cache = ref_step.past_key_values.layers
     report.checks.append(("decoder present key/values", max(
-        _max_diff(kv.keys[i], ref_step["past_key_values"].layers[i].keys) for i in range(len(kv.keys))), atol))
+        max(_max_diff(kv.keys[i], ref_cache[i].keys), _max_diff(kv.values[i], ref_cache[i].values))
+        for i in range(len(kv.keys))), atol))
 
     # End to end: the package's greedy loop against transformers.generate on the same processor outputs.
     generated = model.generate(**inputs, max_new_tokens=greedy_tokens, do_sample=False, eos_token_id=eos_ids,

@@ -94,3 +94,38 @@ def test_disk_filling_up_during_export_is_one_clear_line(tiny_checkpoint, tmp_pa
     assert convert.main(_args(tiny_checkpoint, tmp_path / "out")) == 2
     err = capsys.readouterr().err
     assert "edgevlm export: error: out of disk space while writing the package" in err
+
+
+def test_verification_fails_and_exits_non_zero_when_a_graph_is_wrong(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                     capsys):
+    """A graph that computes something else than the PyTorch module is caught by the export's own report."""
+    from edgevlm.export.families import idefics3
+
+    original = idefics3.EmbedTokens.forward
+    monkeypatch.setattr(idefics3.EmbedTokens, "forward", lambda self, ids: original(self, ids) * 1.01)
+    args = _args(tiny_checkpoint, tmp_path / "out")
+    args.no_verify = False
+    assert convert.main(args) == 1
+    err = capsys.readouterr().err
+    assert "embed_tokens" in err and "FAIL" in err
+    assert "does not match transformers" in err
+
+
+def test_large_graphs_keep_their_weights_in_one_external_data_file(tiny_checkpoint, tmp_path, monkeypatch):
+    """Graphs past the 2 GB protobuf limit are written with external data; the threshold is lowered here."""
+    from edgevlm.runtime.engine import Engine
+
+    monkeypatch.setattr(convert, "EXTERNAL_DATA_THRESHOLD", 1_000_000)
+    with open(os.devnull, "w") as quiet:
+        package, report = convert.export_package(str(tiny_checkpoint), tmp_path / "pkg", greedy_tokens=4,
+                                                 progress=convert.Progress(quiet))
+    assert report.ok
+    decoder = package.graph("decoder")
+    assert decoder["external_data"] == ["decoder_model_merged.onnx_data"]
+    assert (package.path / "decoder_model_merged.onnx").stat().st_size < 1_000_000
+    assert "decoder_model_merged.onnx_data" in package.manifest["files"]
+    assert "external_data" not in package.graph("vision_encoder")  # 0.2 MB stays in one file
+    assert sorted(p.name for p in package.path.iterdir() if "onnx" in p.name) == [
+        "decoder_model_merged.onnx", "decoder_model_merged.onnx_data",
+        "embed_tokens.onnx", "embed_tokens.onnx_data", "vision_encoder.onnx"]
+    Engine(package)  # loads with the weights beside the graphs

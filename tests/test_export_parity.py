@@ -89,3 +89,15 @@ def test_vision_encoder_drops_padding_images_like_transformers(engine, hf_model,
         reference = hf_model.model.get_image_features(torch.from_numpy(padded_values), torch.from_numpy(padded_mask))
     assert features.shape == tuple(reference.shape) == (pixel_values.shape[1], 16, 64)
     assert np.abs(features - reference.numpy()).max() <= LOGITS_ATOL
+
+
+def test_decoder_has_a_dynamic_batch(engine, hf_processor):
+    """Two rows through the graph give what each row gives alone (the graph was traced with batch 2)."""
+    inputs = _inputs(hf_processor, "text-only")
+    embeds = engine.embed(inputs["input_ids"].numpy())
+    single, _ = engine.forward(embeds, engine.empty_cache(1))
+    pair, cache = engine.forward(np.concatenate([embeds, embeds[:, ::-1]]), engine.empty_cache(2))
+    reversed_single, _ = engine.forward(np.ascontiguousarray(embeds[:, ::-1]), engine.empty_cache(1))
+    assert cache.keys[0].shape[0] == 2
+    assert np.abs(pair[0] - single[0]).max() <= 1e-5
+    assert np.abs(pair[1] - reversed_single[0]).max() <= 1e-5
