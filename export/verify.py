@@ -132,8 +132,8 @@ def verify_package(model, processor, package: ModelPackage, *, greedy_tokens: in
     report.checks.append(("decoder decode-step logits", _max_diff(step_logits, ref_step.logits), atol))
     ref_cache = ref_step.past_key_values.layers
     report.checks.append(("decoder present key/values", max(
-        max(_max_diff(kv.keys[i], ref_cache[i].keys), _max_diff(kv.values[i], ref_cache[i].values))
-        for i in range(len(kv.keys))), atol))
+        max(_max_diff(keys, ref_cache[i].keys), _max_diff(values, ref_cache[i].values))
+        for i, (keys, values) in enumerate(map(kv.arrays, range(len(kv.keys))))), atol))
 
     # End to end: the package's greedy loop against transformers.generate on the same processor outputs.
     generated = model.generate(**inputs, max_new_tokens=greedy_tokens, do_sample=False, eos_token_id=eos_ids,

@@ -19,14 +19,35 @@ from .package import ModelPackage
 
 @dataclass
 class KVCache:
-    """Per-layer keys and values, [batch, kv_heads, length, head_dim] each, and the length they hold."""
+    """Per-layer keys and values, [batch, kv_heads, length, head_dim] each, as onnxruntime values.
 
-    keys: list[np.ndarray]
-    values: list[np.ndarray]
+    They stay where the decoder wrote them (host memory on CPU, GPU memory with CUDA): each step binds the last
+    step's outputs as its inputs, so the cache is never copied through numpy between steps.
+    """
+
+    keys: list[ort.OrtValue]
+    values: list[ort.OrtValue]
 
     @property
     def length(self) -> int:
-        return self.keys[0].shape[2]
+        return self.keys[0].shape()[2]
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape()[0]
+
+    def arrays(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Host copies of one layer's keys and values (for checks, not for the decode loop)."""
+        return self.keys[layer].numpy(), self.values[layer].numpy()
+
+    def take(self, rows: list[int]) -> "KVCache":
+        """A cache holding the given batch rows (repeat a prefill for n choices, drop finished choices)."""
+        device = self.keys[0].device_name().lower()
+
+        def pick(value: ort.OrtValue) -> ort.OrtValue:
+            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value.numpy()[rows]), device, 0)
+
+        return KVCache(keys=[pick(k) for k in self.keys], values=[pick(v) for v in self.values])
 
 
 def _providers(device: str) -> list[str]:
@@ -50,6 +71,7 @@ class Engine:
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.log_severity_level = 3
         providers = _providers(device)
+        self._ort_device = "cuda" if device == "cuda" else "cpu"
 
         def session(graph: str) -> ort.InferenceSession:
             try:
@@ -99,11 +121,13 @@ class Engine:
         return inputs_embeds
 
     def empty_cache(self, batch: int = 1) -> KVCache:
-        shape = (batch, self.kv_heads, 0, self.head_dim)
-        return KVCache(
-            keys=[np.zeros(shape, self._kv_dtype) for _ in range(self.num_layers)],
-            values=[np.zeros(shape, self._kv_dtype) for _ in range(self.num_layers)],
-        )
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self._kv_dtype)
+
+        def value() -> ort.OrtValue:
+            return ort.OrtValue.ortvalue_from_numpy(empty, self._ort_device, 0)
+
+        return KVCache(keys=[value() for _ in range(self.num_layers)],
+                       values=[value() for _ in range(self.num_layers)])
 
     def forward(self, inputs_embeds: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Run the decoder on `inputs_embeds` [B, S, hidden] after the cache; → logits [B, S, vocab], new cache."""
@@ -115,16 +139,21 @@ class Engine:
                 f"{self.context_length} tokens",
                 param="messages",
             )
-        feeds = {
-            "inputs_embeds": inputs_embeds.astype(np.float32, copy=False),
-            "attention_mask": np.ones((batch, past + seq), dtype=np.int64),
-            "position_ids": np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (batch, seq)),
-        }
+        binding = self.decoder.io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
+        binding.bind_cpu_input("attention_mask", np.ones((batch, past + seq), dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(
+            np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (batch, seq))))
         for i in range(self.num_layers):
-            feeds[f"past_key_values.{i}.key"] = cache.keys[i]
-            feeds[f"past_key_values.{i}.value"] = cache.values[i]
-        logits, *present = self.decoder.run(None, feeds)
-        return logits, KVCache(keys=present[0::2], values=present[1::2])
+            binding.bind_ortvalue_input(f"past_key_values.{i}.key", cache.keys[i])
+            binding.bind_ortvalue_input(f"past_key_values.{i}.value", cache.values[i])
+        binding.bind_output("logits", "cpu")
+        for i in range(self.num_layers):
+            binding.bind_output(f"present.{i}.key", self._ort_device)
+            binding.bind_output(f"present.{i}.value", self._ort_device)
+        self.decoder.run_with_iobinding(binding)
+        logits, *present = binding.get_outputs()
+        return logits.numpy(), KVCache(keys=present[0::2], values=present[1::2])
 
     def prefill(self, input_ids: np.ndarray, image_features: np.ndarray | None = None) -> tuple[np.ndarray, KVCache]:
         """Embed the prompt, splice in image features, run it through the decoder from an empty cache."""
