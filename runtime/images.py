@@ -1,0 +1,162 @@
+"""Decode the images clients send (base64 data URIs) into RGB Pillow images, within limits.
+
+We are offline by design: an image arrives inline as ``data:image/png;base64,...``, ``data:;base64,...`` or bare
+base64 (standard or URL-safe alphabet, whitespace and line breaks tolerated); URLs are refused.
+
+Decoding follows Hugging Face's ``transformers.image_utils.load_image``: EXIF orientation applied
+(``ImageOps.exif_transpose``), first frame of an animation, then RGB. Modes without alpha convert with Pillow's
+``convert("RGB")``, bit for bit what ``transformers.image_transforms.convert_to_rgb`` does (so ``I;16`` clips at
+255 as it does there). Images with transparency (RGBA, LA, PA, or a ``transparency`` entry in a P/L/RGB image) are
+composited over opaque white, exactly the way the Idefics3/SmolVLM processor's own ``convert_to_rgb`` does, instead
+of dropping the alpha channel and showing whatever colour hides under transparent pixels.
+
+Limits are checked before the work they guard: the encoded size before base64 decoding, the pixel count from the
+header (``Image.open`` is lazy) before any pixel data is decompressed. Every failure is an ``ImageError`` whose
+message names the image by its 1-based position in the request.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps
+
+from .errors import ImageError
+
+__all__ = ["ImageLimits", "check_image_count", "decode_image", "decode_images", "to_rgb"]
+
+# The formats we let Pillow try, by its plugin names: nothing else is even parsed (no EPS/Ghostscript, no TIFF...).
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+_MEDIA_TYPES = {"", "application/octet-stream"} | {
+    f"image/{t}" for t in ("png", "jpeg", "jpg", "pjpeg", "webp", "gif", "bmp", "x-bmp", "x-ms-bmp", "apng")
+}
+_URL_MESSAGE = "image URLs are not supported: send the image as a base64 data URI"
+_PARAM = "messages"
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+_URL_SAFE = str.maketrans("-_", "+/")
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Per-request image limits. Sizes in bytes and pixels; MB and MP in messages are powers of ten."""
+
+    max_bytes: int = 20_000_000  # encoded (file) size of one image, after base64 decoding
+    max_pixels: int = 40_000_000  # width * height of one image
+    max_images: int = 16  # images in one request
+
+    def __post_init__(self):
+        for name in ("max_bytes", "max_pixels", "max_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ImageLimits.{name} must be at least 1")
+
+
+def _error(index: int, what: str) -> ImageError:
+    return ImageError(f"image {index}: {what}", param=_PARAM)
+
+
+def _millions(n: int, *, up: bool = False) -> str:
+    """n / 10**6 with one decimal ("25.3", "20"); `up` rounds up, so a size over a limit never reads as equal to it."""
+    if n < 100_000:  # tiny limits (tests, embedded configs): exact
+        return f"{n / 1e6:.6g}"
+    tenths = -(-n // 100_000) if up else round(n / 100_000)
+    return f"{tenths // 10}" if tenths % 10 == 0 else f"{tenths / 10:.1f}"
+
+
+def check_image_count(n: int, limits: ImageLimits = ImageLimits()) -> None:
+    """Refuse a request with more images than the limit (call it before decoding any)."""
+    if n > limits.max_images:
+        raise ImageError(f"too many images: {n} (limit {limits.max_images})", param=_PARAM)
+
+
+def _payload(source: str, index: int) -> str:
+    """The base64 text inside a data URI or bare base64 string; refuses URLs and non-image data URIs."""
+    s = source.strip()
+    if s[:5].lower() == "data:":
+        header, comma, data = s[5:].partition(",")
+        if not comma:
+            raise _error(index, "malformed data URI (no comma before the data)")
+        media_type, *params = (p.strip().lower() for p in header.split(";"))
+        if "base64" not in params:
+            raise _error(index, "data URI must be base64-encoded (data:image/png;base64,...)")
+        if media_type not in _MEDIA_TYPES:
+            raise _error(index, f"unsupported image type {media_type!r} (supported: png, jpeg, webp, gif, bmp)")
+        return data
+    if _SCHEME.match(s):  # base64 never contains ':', so this is some URL (http, https, file, ...)
+        raise _error(index, _URL_MESSAGE)
+    return s
+
+
+def _b64decode(text: str, index: int, limits: ImageLimits) -> bytes:
+    data = "".join(text.split()).translate(_URL_SAFE)
+    if not data:
+        raise _error(index, "empty image data")
+    # Refuse an oversized image from the text length, before allocating its decoded bytes.
+    size = len(data.rstrip("=")) * 3 // 4
+    if size > limits.max_bytes:
+        raise _error(index, f"{_millions(size, up=True)} MB exceeds the {_millions(limits.max_bytes)} MB limit")
+    if len(data) % 4:
+        data += "=" * (-len(data) % 4)  # tolerate missing padding
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise _error(index, "not valid base64") from None
+
+
+def _bomb_message(exc: Exception) -> str:
+    m = re.search(r"\((\d+) pixels\)", str(exc))
+    return f"{_millions(int(m.group(1)), up=True)} MP" if m else "image size"
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB the way Hugging Face does it: ``convert("RGB")``, except that transparency is composited over white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(source: str, index: int = 1, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """Decode one client image (data URI or bare base64) into an RGB image; `index` (1-based) names it in errors."""
+    if not isinstance(source, str):
+        raise _error(index, f"expected a base64 string, got {type(source).__name__}")
+    raw = _b64decode(_payload(source, index), index, limits)
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns past Image.MAX_IMAGE_PIXELS and raises past twice that; both are refusals here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw), formats=FORMATS)  # lazy: reads the header only
+            width, height = image.size
+            if width * height > limits.max_pixels:
+                raise _error(index, f"{width}×{height} exceeds the {_millions(limits.max_pixels)} MP limit")
+            image.load()  # first frame of an animation
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _error(index, f"{_bomb_message(exc)} exceeds the {_millions(limits.max_pixels)} MP limit") from None
+    except (OSError, SyntaxError, ValueError, TypeError, IndexError, KeyError, EOFError, MemoryError) as exc:
+        # Pillow signals unknown formats with UnidentifiedImageError (an OSError) and broken data with any of these.
+        raise _error(index, "unsupported or corrupt image data") from exc
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block should not cost the image: keep it as stored
+        pass
+    try:
+        return to_rgb(image)
+    except (OSError, ValueError) as exc:
+        raise _error(index, f"unsupported image mode {image.mode!r}") from exc
+
+
+def decode_images(sources: Sequence[str], limits: ImageLimits = ImageLimits()) -> list[Image.Image]:
+    """Decode a request's images in order, after checking their count."""
+    check_image_count(len(sources), limits)
+    return [decode_image(source, i, limits) for i, source in enumerate(sources, 1)]
