@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from .errors import PackageError
 
 
 def _add_export(subparsers) -> None:
@@ -34,6 +37,84 @@ def _run_export(args) -> int:
     return main(args)
 
 
+# The bundled demo model (models/demo-shapes, step 4) is what `chat` and `serve` use without --model.
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "demo-shapes"
+
+
+def _add_chat(subparsers) -> None:
+    p = subparsers.add_parser("chat", help="ask a model about images from the terminal; streams the answer",
+                              description="Answer one question about zero or more images, streaming the text to "
+                                          "stdout; time to first token and speed go to stderr.")
+    p.add_argument("question")
+    p.add_argument("--model", help=f"model package folder (default: the bundled model, {DEFAULT_MODEL})")
+    p.add_argument("--image", action="append", default=[], metavar="FILE", help="image file (repeat for several)")
+    p.add_argument("--detail", choices=["auto", "low", "high"], default="auto",
+                   help="low: one tile per image (faster); auto/high: the model's image splitting")
+    p.add_argument("--system", help="a system message")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.set_defaults(func=_run_chat)
+
+
+def _resolve_model(model: str | None) -> Path:
+    if model:
+        return Path(model)
+    if not (DEFAULT_MODEL / "model.json").is_file():
+        raise PackageError(f"no --model given and the bundled demo model is not installed ({DEFAULT_MODEL} has no "
+                           "model.json); pass --model PATH to a package made by `edgevlm export`")
+    return DEFAULT_MODEL
+
+
+def _run_chat(args) -> int:
+    import base64
+    import time
+
+    from .errors import EdgeVLMError
+    from .sampling import SamplingParams
+    from .vlm import VisionLanguageModel
+
+    try:
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                max_tokens=args.max_tokens).validate()
+        content = []
+        for file in args.image:
+            try:
+                data = Path(file).read_bytes()
+            except OSError as exc:
+                raise EdgeVLMError(f"cannot read image {file}: {exc.strerror}") from None
+            url = "data:;base64," + base64.b64encode(data).decode("ascii")
+            content.append({"type": "image_url", "image_url": {"url": url, "detail": args.detail}})
+        content.append({"type": "text", "text": args.question})
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": content}]
+        start = time.perf_counter()
+        model = VisionLanguageModel.load(_resolve_model(args.model), device=args.device, threads=args.threads)
+        loaded = time.perf_counter()
+        prompt = model.prepare(messages)
+        first = None
+        count = 0
+        for step in model.generate(prompt, params):
+            count += 1
+            if first is None:
+                first = time.perf_counter()
+            sys.stdout.write(step.text)
+            sys.stdout.flush()
+        end = time.perf_counter()
+    except EdgeVLMError as exc:
+        print(f"edgevlm chat: error: {exc.message}", file=sys.stderr)
+        return 2
+    sys.stdout.write("\n")
+    decode_rate = (count - 1) / (end - first) if count > 1 and end > first else float("nan")
+    print(f"load {loaded - start:.2f} s · prompt {len(prompt.input_ids)} tokens ({prompt.image_tokens} image) · "
+          f"time to first token {first - loaded:.2f} s · {count} tokens · {decode_rate:.1f} tokens/s",
+          file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from edgevlm import __version__
 
@@ -42,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edgevlm {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_export(subparsers)
+    _add_chat(subparsers)
     return parser
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
 
 import torch
+
+from edgevlm.export.verify import chat_inputs, sample_image
 
 BLOCKER = """
 import importlib.abc, sys
@@ -18,31 +21,36 @@ sys.meta_path.insert(0, Block())
 """
 
 SCRIPT = BLOCKER + """
-import json, numpy as np
-from tokenizers import Tokenizer
-from edgevlm.runtime.engine import Engine
-from edgevlm.runtime.package import ModelPackage
+import json
+from edgevlm.runtime.cli import main
+from edgevlm.runtime.sampling import SamplingParams
+from edgevlm.runtime.vlm import VisionLanguageModel
 
-package = ModelPackage.load(sys.argv[1])
-engine = Engine(package)
-prompt = "<|im_start|>User: Tell me a story.<end_of_utterance>\\nAssistant:"
-ids = Tokenizer.from_file(str(package.tokenizer_path)).encode(prompt, add_special_tokens=False).ids
-tokens = engine.greedy(np.array(ids), None, 12, tuple(package.tokens["eos_token_ids"]))
-size = package.vision["image_size"]
-features = engine.encode_images(np.zeros((1, 1, 3, size, size), np.float32) + 0.5, np.ones((1, 1, size, size), bool))
+model = VisionLanguageModel.load(sys.argv[1])
+messages = [{"role": "user", "content": [
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + sys.argv[2]}},
+    {"type": "text", "text": "Describe this image."}]}]
+prompt = model.prepare(messages)
+tokens = [step.token for step in model.generate(prompt, SamplingParams(temperature=0), max_tokens=12)]
 loaded = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'transformers', 'optimum'})
-print(json.dumps({"ids": ids, "tokens": tokens, "features": list(features.shape), "heavy": loaded}))
+print(json.dumps({"ids": prompt.input_ids, "tokens": tokens, "heavy": loaded}))
 """
 
 
-def test_runtime_generates_without_the_export_stack(tiny_package, hf_model):
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_package)], capture_output=True, text=True,
+def test_whole_pipeline_runs_without_the_export_stack(tiny_package, hf_model, hf_processor, tmp_path):
+    image = sample_image(200, 150, 7)
+    png = tmp_path / "image.png"
+    image.save(png)
+    b64 = base64.b64encode(png.read_bytes()).decode()
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_package), b64], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["heavy"] == []
-    assert out["features"] == [1, 16, 64]
+
+    inputs = chat_inputs(hf_processor, [image], "Describe this image.")
+    assert out["ids"] == inputs["input_ids"][0].tolist()
     with torch.no_grad():
-        generated = hf_model.generate(torch.tensor([out["ids"]]), max_new_tokens=12, do_sample=False,
-                                      eos_token_id=[2, 49279], pad_token_id=2)
-    assert out["tokens"] == generated[0, len(out["ids"]):].tolist()
+        generated = hf_model.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=[2, 49279],
+                                      pad_token_id=2)
+    assert out["tokens"] == generated[0, inputs["input_ids"].shape[1]:].tolist()

@@ -271,5 +271,7 @@ def package_metadata(model, processor) -> dict:
             "bos_token_id": tokenizer.bos_token_id,
             "pad_token_id": text.pad_token_id,
             "eos_token_ids": eos_ids,
+            # What transformers passes to the chat template besides the messages (bos_token, eos_token, …).
+            "special_tokens": dict(tokenizer.special_tokens_map),
         },
     }

@@ -1,0 +1,92 @@
+"""The decode loop: prefill once, then one decoder step per token for every choice still running.
+
+`generate` yields one `Step` per sampled token (and per choice): the seam between the engine and whoever shows the
+text (the server's SSE stream, the CLI). The n choices of a request share one prefill; their caches are rows of one
+batch, so a decode step costs one decoder run whatever n is. A choice leaves the batch when it finishes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .detokenize import IncrementalDetokenizer
+from .engine import Engine
+from .errors import ContextLengthError
+from .sampling import Sample, SamplingParams, StopMatcher, make_samplers
+
+
+@dataclass(frozen=True)
+class Step:
+    choice: int
+    text: str  # text that became final with this token (may be empty: a partial UTF-8 character, a held stop prefix)
+    token: int
+    sample: Sample
+    finish_reason: str | None  # None while running, then "stop" (EOS or a stop string) or "length"
+    completion_tokens: int
+
+
+@dataclass
+class _Choice:
+    index: int
+    detokenizer: IncrementalDetokenizer
+    stop: StopMatcher
+    tokens: int = 0
+
+
+def generate(engine: Engine, tokenizer, prompt_ids: Sequence[int], image_features: np.ndarray | None,
+             params: SamplingParams, *, max_tokens: int, eos_token_ids: Sequence[int],
+             cancelled: Callable[[], bool] = lambda: False) -> Iterator[Step]:
+    """Sample up to `max_tokens` tokens for each of `params.n` choices after the prompt.
+
+    `cancelled` is checked before every decoder step: a client that went away stops the work within one step.
+    """
+    vocab = engine.package.text["vocab_size"]
+    if len(prompt_ids) >= engine.context_length:
+        raise ContextLengthError(
+            f"the prompt is {len(prompt_ids)} tokens; the model's context of {engine.context_length} tokens "
+            "leaves no room for an answer", param="messages")
+    max_tokens = min(max_tokens, engine.context_length - len(prompt_ids))
+    logits, cache = engine.prefill(np.asarray(prompt_ids), image_features)
+    logits = logits[:, -1]
+    samplers = make_samplers(params, vocab)
+    choices = [_Choice(i, IncrementalDetokenizer(tokenizer), StopMatcher(params.stop)) for i in range(params.n)]
+    if len(choices) > 1:
+        cache = cache.take([0] * len(choices))
+        logits = np.repeat(logits, len(choices), axis=0)
+    eos = set(eos_token_ids)
+
+    while choices and max_tokens > 0:
+        running, next_tokens = [], []
+        for row, choice in enumerate(choices):
+            sample = samplers[choice.index].sample(logits[row])
+            choice.tokens += 1
+            text, finish = _advance(choice, sample.token, eos, max_tokens)
+            yield Step(choice.index, text, sample.token, sample, finish, choice.tokens)
+            if finish is None:
+                running.append(row)
+                next_tokens.append(sample.token)
+        if not running or cancelled():
+            return
+        if len(running) < len(choices):
+            cache = cache.take(running)
+            choices = [choices[row] for row in running]
+        embeds = engine.embed(np.array(next_tokens, dtype=np.int64)[:, None])
+        logits, cache = engine.forward(embeds, cache)
+        logits = logits[:, -1]
+
+
+def _advance(choice: _Choice, token: int, eos: set[int], max_tokens: int) -> tuple[str, str | None]:
+    """Feed one token through the detokenizer and stop matcher: (final text, finish reason or None)."""
+    if token in eos:
+        text, stopped = choice.stop.feed(choice.detokenizer.flush())
+        return text + ("" if stopped else choice.stop.flush()), "stop"
+    text, stopped = choice.stop.feed(choice.detokenizer.add(token))
+    if stopped:
+        return text, "stop"
+    if choice.tokens >= max_tokens:
+        tail, stopped = choice.stop.feed(choice.detokenizer.flush())
+        return text + tail + ("" if stopped else choice.stop.flush()), "stop" if stopped else "length"
+    return text, None
