@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -115,6 +116,48 @@ def _run_chat(args) -> int:
     return 0
 
 
+def _add_serve(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over the OpenAI Chat Completions API",
+                              description="Serve POST /v1/chat/completions (streaming and not), GET /v1/models "
+                                          "and GET /health.")
+    p.add_argument("--model", help=f"model package folder (default: the bundled model, {DEFAULT_MODEL})")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
+    p.add_argument("--api-key", default=os.environ.get("EDGEVLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $EDGEVLM_API_KEY; none = open)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, help="CPU threads for inference (default: all cores)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests running or waiting before 429 (default 16)")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body in MB (default 20)")
+    p.add_argument("--max-images", type=int, default=16, help="images per request (default 16)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args) -> int:
+    import asyncio
+
+    from .images import ImageLimits
+    from .package import ModelPackage
+    from .server import ServerConfig, serve
+
+    try:
+        path = _resolve_model(args.model)
+        ModelPackage.load(path, verify=False)  # a wrong path fails here, before the port opens
+    except PackageError as exc:
+        print(f"edgevlm serve: error: {exc.message}", file=sys.stderr)
+        return 2
+    config = ServerConfig(model_path=path, host=args.host, port=args.port, api_key=args.api_key or None,
+                          device=args.device, threads=args.threads, max_queue=args.max_queue,
+                          max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                          image_limits=ImageLimits(max_images=args.max_images))
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        print(f"edgevlm serve: error: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from edgevlm import __version__
 
@@ -124,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_export(subparsers)
     _add_chat(subparsers)
+    _add_serve(subparsers)
     return parser
 
 

@@ -193,8 +193,8 @@ class SamplingParams:
     def from_request(cls, body: Mapping[str, Any], *, vocab_size: int | None = None) -> SamplingParams:
         """Read the sampling fields of a parsed Chat Completions body; absent or null fields take OpenAI's defaults.
 
-        ``max_completion_tokens`` (OpenAI's newer name) is accepted as well as ``max_tokens``; giving both with
-        different values is an error. Other fields of the body are ignored.
+        ``max_completion_tokens`` (OpenAI's newer name) is accepted as well as ``max_tokens`` and wins when both
+        are given. Other fields of the body are ignored.
         """
         if not isinstance(body, Mapping):
             raise InvalidRequestError("the request body must be a JSON object")
@@ -203,17 +203,12 @@ class SamplingParams:
                      "stop", "logprobs", "top_logprobs"):
             if body.get(name) is not None:
                 kwargs[name] = body[name]
+        # max_completion_tokens is OpenAI's newer name for max_tokens; when both are given, it wins.
         limit_field = "max_tokens"
-        newer, older = body.get("max_completion_tokens"), body.get("max_tokens")
-        if newer is not None:
-            if older is not None and older != newer:
-                raise InvalidRequestError(
-                    "'max_tokens' and 'max_completion_tokens' disagree; give only one of them",
-                    param="max_completion_tokens",
-                )
-            kwargs["max_tokens"], limit_field = newer, "max_completion_tokens"
-        elif older is not None:
-            kwargs["max_tokens"] = older
+        if body.get("max_completion_tokens") is not None:
+            kwargs["max_tokens"], limit_field = body["max_completion_tokens"], "max_completion_tokens"
+        elif body.get("max_tokens") is not None:
+            kwargs["max_tokens"] = body["max_tokens"]
         try:
             params = cls(**kwargs)
         except InvalidRequestError as exc:

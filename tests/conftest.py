@@ -6,6 +6,7 @@ Both are built once per test session (a few seconds) in a temporary folder; noth
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,64 @@ def hf_processor(tiny_checkpoint):
     from edgevlm.export.families.idefics3 import load_processor
 
     return load_processor(str(tiny_checkpoint))
+
+
+class ServerProcess:
+    """`edgevlm serve` in a subprocess on a free port; ready once it prints that the model is loaded."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", "-m", "edgevlm.runtime.cli", "serve", "--port", "0", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+        self.lines: list[str] = []
+        self.url = None
+        for line in self.proc.stdout:  # blocks until the server says where it listens, then that it is ready
+            self.lines.append(line)
+            if "listening on " in line:
+                self.url = line.split("listening on ")[1].split()[0]
+            if " ready" in line or "error" in line:
+                break
+        if self.url is None or not self.lines[-1].rstrip().endswith("ready"):
+            self.stop()
+            raise RuntimeError("the server did not start:\n" + "".join(self.lines))
+        # Keep reading what it prints, so a full pipe never blocks the server.
+        self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self._reader.start()
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def stop(self) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        self._reader.join(timeout=30)
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def server(tiny_package):
+    process = ServerProcess("--model", str(tiny_package))
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def start_server(tiny_package):
+    """Start extra servers with their own options; each is stopped at the end of the session."""
+    started = []
+
+    def start(*args: str, env: dict | None = None) -> ServerProcess:
+        process = ServerProcess("--model", str(tiny_package), *args, env=env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()

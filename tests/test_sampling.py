@@ -420,7 +420,7 @@ def test_from_request_normalises_a_valid_body():
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 2.0}, "max_tokens"),
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
-        ({"max_completion_tokens": 5, "max_tokens": 6}, "max_completion_tokens"),
+        ({"max_completion_tokens": 0, "max_tokens": 6}, "max_completion_tokens"),
         ({"n": 0}, "n"),
         ({"n": 1.5}, "n"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
@@ -458,3 +458,8 @@ def test_direct_construction_and_vocab_checks_validate_too():
     with pytest.raises(InvalidRequestError) as info:
         SamplingParams.from_request({"logit_bias": {"0": -100, "1": -100}}, vocab_size=2)
     assert info.value.param == "logit_bias" and "every token" in info.value.message
+
+
+def test_max_completion_tokens_wins_over_max_tokens():
+    assert SamplingParams.from_request({"max_completion_tokens": 5, "max_tokens": 6}).max_tokens == 5
+    assert SamplingParams.from_request({"max_tokens": 6}).max_tokens == 6

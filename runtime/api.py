@@ -1,0 +1,131 @@
+"""OpenAI Chat Completions shapes: the request checked into a `ChatRequest`, and the response objects.
+
+Which fields do what (also in the README):
+- honoured: messages, model (echoed), temperature, top_p, n, stream, stream_options.include_usage, stop,
+  max_tokens / max_completion_tokens, presence_penalty, frequency_penalty, logit_bias, logprobs, top_logprobs,
+  seed, response_format {"type": "text"}, image_url.detail ("low" = one tile per image).
+- accepted and ignored: user, metadata, store, service_tier, parallel_tool_calls, and any field this server does
+  not know (SDKs send OpenAI's newer fields).
+- refused with a 400: response_format json_object / json_schema (structured output comes later), tools when the
+  model's chat template cannot express them, other content part types (audio, files).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidRequestError
+from .sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: list
+    model: str | None
+    stream: bool
+    include_usage: bool
+    params: SamplingParams
+    tools: list | None
+
+
+def _flag(body: Mapping, name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"Invalid '{name}': expected a boolean, got {value!r}", param=name)
+    return value
+
+
+def parse_chat_request(body: Any, *, vocab_size: int, template_supports_tools: bool) -> ChatRequest:
+    if not isinstance(body, Mapping):
+        raise InvalidRequestError("the request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("'messages' must be a non-empty array of messages", param="messages")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequestError(f"Invalid 'model': expected a string, got {model!r}", param="model")
+    stream = _flag(body, "stream")
+    stream_options = body.get("stream_options")
+    include_usage = False
+    if stream_options is not None:
+        if not isinstance(stream_options, Mapping):
+            raise InvalidRequestError("Invalid 'stream_options': expected an object", param="stream_options")
+        if not stream:
+            raise InvalidRequestError("'stream_options' is only allowed when 'stream' is true",
+                                      param="stream_options")
+        include_usage = _flag(stream_options, "include_usage")
+
+    response_format = body.get("response_format")
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, Mapping) else None
+        if kind in ("json_object", "json_schema"):
+            raise InvalidRequestError(f"response_format {kind!r} is not supported yet: this server produces text "
+                                      "only", param="response_format", code="unsupported_parameter")
+        if kind != "text":
+            raise InvalidRequestError(f"Invalid 'response_format': expected type 'text', got {response_format!r}",
+                                      param="response_format")
+
+    tools = body.get("tools")
+    tool_choice = body.get("tool_choice")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise InvalidRequestError("Invalid 'tools': expected an array", param="tools")
+        if not tools:
+            tools = None
+    if tools and tool_choice != "none" and not template_supports_tools:
+        raise InvalidRequestError("this model's chat template cannot express tools; send the request without "
+                                  "'tools' (or with tool_choice 'none')", param="tools",
+                                  code="unsupported_parameter")
+    if tool_choice is not None and tool_choice not in ("none", "auto", "required") and not isinstance(
+            tool_choice, Mapping):
+        raise InvalidRequestError(f"Invalid 'tool_choice': {tool_choice!r}", param="tool_choice")
+    if tool_choice == "none":
+        tools = None
+
+    params = SamplingParams.from_request(body, vocab_size=vocab_size)
+    return ChatRequest(messages=messages, model=model, stream=stream, include_usage=include_usage, params=params,
+                       tools=tools)
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int, image_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0, "image_tokens": image_tokens},
+    }
+
+
+def logprob_entry(token_text: str, logprob: float, top: list[tuple[str, float]]) -> dict:
+    def item(text: str, value: float) -> dict:
+        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+    return {**item(token_text, logprob), "top_logprobs": [item(t, v) for t, v in top]}
+
+
+def chunk(request_id: str, created: int, model: str, fingerprint: str, choices: list, usage_: dict | None = None
+          ) -> dict:
+    out = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+           "system_fingerprint": fingerprint, "choices": choices}
+    if usage_ is not None:
+        out["usage"] = usage_
+    return out
+
+
+def model_card(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "edgevlm",
+            "input_modalities": ["text", "image"], "output_modalities": ["text"]}
