@@ -380,3 +380,45 @@ def test_sigterm_shuts_down_gracefully(start_server):
     assert doomed.stop() == 0
     assert any("shutting down" in line for line in doomed.lines)
     conn.close()
+
+
+def test_streaming_several_choices(client):
+    chunks = list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=5, temperature=1.0, seed=7, n=2, stream=True))
+    roles = {c.choices[0].index for c in chunks if c.choices and c.choices[0].delta.role == "assistant"}
+    finished = {c.choices[0].index: c.choices[0].finish_reason for c in chunks
+                if c.choices and c.choices[0].finish_reason}
+    assert roles == {0, 1} and set(finished) == {0, 1}
+
+
+def test_an_error_after_the_stream_started_is_one_error_event(tiny_package):
+    """A failure mid-generation cannot change the HTTP status any more: it arrives as one SSE error event."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from edgevlm.runtime.errors import EdgeVLMError
+    from edgevlm.runtime.server import ServerConfig, make_app
+
+    class FailingModel(VisionLanguageModel):
+        def generate(self, prompt, params, **kwargs):
+            for i, step in enumerate(super().generate(prompt, params, **kwargs)):
+                if i == 2:
+                    raise EdgeVLMError("the accelerator fell off the bus")
+                yield step
+
+    async def main():
+        app = make_app(ServerConfig(model_path=tiny_package), loader=lambda: FailingModel.load(tiny_package))
+        async with TestClient(TestServer(app)) as http_client:
+            for _ in range(20000):  # round trips while the worker loads the model
+                if (await http_client.get("/health")).status == 200:
+                    break
+            response = await http_client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10, "stream": True})
+            assert response.status == 200
+            events = sse_events(await response.read())
+            errors = [json.loads(e) for e in events if e.startswith('{"error"')]
+            assert errors == [{"error": {"message": "the accelerator fell off the bus", "type": "server_error",
+                                         "param": None, "code": None}}]
+            health = await http_client.get("/health")
+            assert health.status == 200
+
+    asyncio.run(main())
