@@ -61,6 +61,18 @@ def raw(server, method, path, body=None, headers=None):
     return response.status, dict(response.getheaders()), payload
 
 
+def open_stream(server, max_tokens: int):
+    """Start a long streaming generation on a raw connection and wait for its first event: (conn, response)."""
+    url = urlparse(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps({
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, "stream": True,
+        "temperature": 0}), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    return conn, response
+
+
 def sse_events(payload: bytes) -> list[str]:
     text = payload.decode()
     assert text.endswith("\n\n")
@@ -262,13 +274,7 @@ def test_oversized_body_and_full_queue(start_server):
     assert status == 413 and json.loads(payload)["error"]["code"] == "request_too_large"
 
     # One long generation holds the only place in the queue; the next request is turned away.
-    url = urlparse(small.url)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-    conn.request("POST", "/v1/chat/completions", json.dumps({
-        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1500, "stream": True}),
-        {"Content-Type": "application/json"})
-    streaming = conn.getresponse()
-    assert streaming.readline().startswith(b"data: ")  # admitted and generating
+    conn, _ = open_stream(small, 1500)  # admitted and generating
     status, headers, payload = raw(small, "POST", "/v1/chat/completions",
                                    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert status == 429 and headers["Retry-After"] == "1"
@@ -281,13 +287,8 @@ def test_oversized_body_and_full_queue(start_server):
 
 def test_disconnect_mid_stream_cancels_and_the_next_request_is_served(start_server):
     fresh = start_server()
-    url = urlparse(fresh.url)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-    conn.request("POST", "/v1/chat/completions", json.dumps({
-        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1900, "stream": True}),
-        {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    for _ in range(3):
+    conn, response = open_stream(fresh, 1900)
+    for _ in range(2):
         assert response.readline()
     conn.sock.close()  # the client goes away mid-stream
     conn.close()
@@ -324,13 +325,7 @@ def test_eight_concurrent_streaming_clients_all_complete(server):
 
 
 def test_health_answers_during_a_long_generation(server):
-    url = urlparse(server.url)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-    conn.request("POST", "/v1/chat/completions", json.dumps({
-        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1500, "stream": True, "temperature": 0}),
-        {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    assert response.readline().startswith(b"data: ")
+    conn, response = open_stream(server, 1500)
     status, _, payload = raw(server, "GET", "/health")
     assert status == 200 and json.loads(payload)["requests"] == 1  # answered while the generation runs
     rest = response.read()
@@ -370,13 +365,7 @@ def test_health_is_503_while_loading(tiny_package):
 
 def test_sigterm_shuts_down_gracefully(start_server):
     doomed = start_server()
-    url = urlparse(doomed.url)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-    conn.request("POST", "/v1/chat/completions", json.dumps({
-        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1900, "stream": True}),
-        {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    assert response.readline().startswith(b"data: ")
+    conn, _ = open_stream(doomed, 1900)
     assert doomed.stop() == 0
     assert any("shutting down" in line for line in doomed.lines)
     conn.close()
