@@ -11,29 +11,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ..runtime.engine import Engine
+from .samples import sample_image
 from ..runtime.package import ModelPackage
 
 # fp32 graphs compute what torch computes up to float reordering; 1e-3 on logits is the project's bound.
 FP32_ATOL = 1e-3
-
-
-def sample_image(width: int = 320, height: int = 240, seed: int = 0) -> Image.Image:
-    """A deterministic picture with a few coloured shapes on a gradient: real pixels, no file needed."""
-    rng = np.random.default_rng(seed)
-    gradient = np.linspace(40, 220, width, dtype=np.float32)[None, :, None]
-    base = np.broadcast_to(gradient, (height, width, 3)).astype(np.uint8).copy()
-    image = Image.fromarray(base)
-    draw = ImageDraw.Draw(image)
-    for _ in range(3):
-        size = max(2, int(min(width, height) * rng.uniform(0.15, 0.4)))
-        x, y = int(rng.integers(0, width - size + 1)), int(rng.integers(0, height - size + 1))
-        color = tuple(int(c) for c in rng.integers(0, 255, 3))
-        draw.ellipse((x, y, x + size, y + size), fill=color)
-        draw.rectangle((width - x - size, y, width - x, y + size // 2), fill=color[::-1])
-    return image
 
 
 def chat_inputs(processor, images: list[Image.Image], question: str, *, split_images: bool | None = None) -> dict:

@@ -8,7 +8,8 @@ import sys
 import torch
 from PIL import Image
 
-from edgevlm.export.verify import chat_inputs, sample_image
+from edgevlm.export.samples import sample_image
+from edgevlm.export.verify import chat_inputs
 
 
 def chat(*args: str) -> subprocess.CompletedProcess:

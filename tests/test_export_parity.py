@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgevlm.export.verify import chat_inputs, sample_image
+from edgevlm.export.samples import sample_image
+from edgevlm.export.verify import chat_inputs
 from edgevlm.runtime.engine import Engine
 from edgevlm.runtime.package import ModelPackage
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from edgevlm.export.verify import sample_image
+from edgevlm.export.samples import sample_image
 from edgevlm.runtime.sampling import SamplingParams
 from edgevlm.runtime.vlm import VisionLanguageModel
 

@@ -9,7 +9,8 @@ import sys
 
 import torch
 
-from edgevlm.export.verify import chat_inputs, sample_image
+from edgevlm.export.samples import sample_image
+from edgevlm.export.verify import chat_inputs
 
 BLOCKER = """
 import importlib.abc, sys

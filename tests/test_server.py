@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 import openai
 import pytest
 
-from edgevlm.export.verify import sample_image
+from edgevlm.export.samples import sample_image
 from edgevlm.runtime.sampling import SamplingParams
 from edgevlm.runtime.vlm import VisionLanguageModel
 
