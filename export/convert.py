@@ -214,13 +214,24 @@ def _generation_defaults(model) -> dict:
     }
 
 
-def export_package(source: str, out_dir: str | Path, *, quant: str = "fp32", overwrite: bool = False,
-                   verify: bool = True, greedy_tokens: int = 16, revision: str | None = None,
-                   progress: Progress | None = None) -> tuple[ModelPackage, object]:
-    """Export `source` (local folder or hub id) to `out_dir`; returns the package and the verification report."""
+def export_package(source: str, out_dir: str | Path, *, quant: str = "fp32", graph_quant: dict | None = None,
+                   overwrite: bool = False, verify: bool = True, greedy_tokens: int = 16,
+                   revision: str | None = None, progress: Progress | None = None) -> tuple[ModelPackage, object]:
+    """Export `source` (local folder or hub id) to `out_dir`; returns the package and the verification report.
+
+    `quant` picks the per-graph plan (`export.quantize.PLANS`); `graph_quant` overrides single graphs. The fp32
+    graphs are always exported and verified against transformers first; a quantized package is then measured
+    against them (the report's `quantization` lines).
+    """
+    from .quantize import QuantizationError, plan_for
+
     progress = progress or Progress()
-    if quant != "fp32":
-        raise ExportError(f"quantization {quant!r} is not supported yet: this version writes fp32 packages")
+    try:
+        plan = plan_for(quant)
+    except QuantizationError as exc:
+        raise ExportError(str(exc)) from None
+    plan.update({graph: mode for graph, mode in (graph_quant or {}).items() if mode})
+    quantized = any(mode != "fp32" for mode in plan.values())
     out_dir = Path(out_dir)
     hub_kwargs = {"revision": revision} if revision else {}
     config = _read_config(source, hub_kwargs)
@@ -235,17 +246,21 @@ def export_package(source: str, out_dir: str | Path, *, quant: str = "fp32", ove
         raise ExportError(f"cannot load the checkpoint {source}: {str(exc).splitlines()[0]}") from None
     params = sum(p.numel() for p in model.parameters())
     progress(f"loaded: {params / 1e6:,.1f} M parameters")
-    # fp32 graphs hold about every weight once (the embedding table is shared between graphs only by value).
-    _check_space(out_dir, int(params * 4 * 1.15) + 50_000_000)
+    # fp32 graphs hold about every weight once; quantizing needs the fp32 reference beside the result.
+    _check_space(out_dir, int(params * 4 * (2.2 if quantized else 1.15)) + 50_000_000)
 
+    # A quantized package is made from fp32 graphs exported (and verified) in a hidden folder inside out_dir.
+    fp32_dir = out_dir / ".fp32-reference" if quantized else out_dir
+    fp32_dir.mkdir(exist_ok=True)
     try:
-        files = _export_graphs(family, model, out_dir, progress)
+        files = _export_graphs(family, model, fp32_dir, progress)
         metadata = family.package_metadata(model, processor)
-        processor.tokenizer.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
         template = processor.chat_template or processor.tokenizer.chat_template
         if not template:
             raise ExportError(f"{source} has no chat template (chat_template.json / .jinja / tokenizer_config)")
-        (out_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
+        for folder in {fp32_dir, out_dir}:
+            processor.tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
+            (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise ExportError(f"out of disk space while writing the package to {out_dir}") from None
@@ -253,21 +268,18 @@ def export_package(source: str, out_dir: str | Path, *, quant: str = "fp32", ove
 
     graphs = {}
     for graph, names in files.items():
-        entry = {"file": names[0], **_graph_io(out_dir / names[0]), "quantization": quant}
+        entry = {"file": names[0], **_graph_io(fp32_dir / names[0]), "quantization": "fp32"}
         if len(names) > 1:
             entry["external_data"] = names[1:]
         graphs[graph] = entry
-    graphs["decoder"]["form"] = "portable"
-    graphs["decoder"]["kv_dtype"] = "float32"
-
-    listed = [n for names in files.values() for n in names] + ["tokenizer.json", "chat_template.jinja"]
+    graphs["decoder"].update(form="portable", kv_dtype="float32")
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "name": out_dir.resolve().name,
         "family": family.FAMILY,
         "architecture": (config.get("architectures") or [family.ARCHITECTURES[0]])[0],
-        "quantization": quant,
+        "quantization": "fp32",
         "graphs": graphs,
         **metadata,
         "tokenizer": "tokenizer.json",
@@ -277,23 +289,66 @@ def export_package(source: str, out_dir: str | Path, *, quant: str = "fp32", ove
                    "model_type": config.get("model_type")},
         "export": {"opset": OPSET, "versions": _versions(),
                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
-        "files": {name: {"bytes": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)}
-                  for name in listed},
     }
-    _write_manifest(out_dir, manifest)
-    package = ModelPackage.load(out_dir)
-    progress(f"package written: {_size_mb(out_dir, listed)} in {out_dir}")
+    reference = _write_package(fp32_dir, manifest)
+    progress(f"fp32 graphs written: {_size_mb(fp32_dir, list(manifest['files']))}")
 
     report = None
     if verify:
         from .verify import verify_package
 
         progress(f"verifying against transformers (each graph on a real input, greedy {greedy_tokens} tokens)")
-        report = verify_package(model, processor, package, greedy_tokens=greedy_tokens)
+        report = verify_package(model, processor, reference, greedy_tokens=greedy_tokens)
         manifest["verification"] = report.to_dict()
-        _write_manifest(out_dir, manifest)
-        package = ModelPackage.load(out_dir, verify=False)
+        reference = _write_package(fp32_dir, manifest)
+    if not quantized:
+        progress(f"package written: {out_dir}")
+        return reference, report
+
+    package = _quantize_package(reference, out_dir, manifest, plan, quant, progress)
+    if report is not None:
+        from .verify import compare_packages
+
+        progress("measuring the quantized package against the fp32 graphs")
+        report.quantization = compare_packages(processor, reference, package)
+        manifest["verification"] = report.to_dict()
+        package = _write_package(out_dir, manifest)
+    shutil.rmtree(fp32_dir)
+    progress(f"package written: {_size_mb(out_dir, list(manifest['files']))} in {out_dir}")
     return package, report
+
+
+def _quantize_package(reference: ModelPackage, out_dir: Path, manifest: dict, plan: dict, quant: str,
+                      progress: Progress) -> ModelPackage:
+    from .quantize import QuantizationError, quantize_package_graphs
+
+    files = {graph: entry["file"] for graph, entry in manifest["graphs"].items()}
+    try:
+        reports = quantize_package_graphs(reference.path, out_dir, plan, files=files, progress=progress)
+    except QuantizationError as exc:
+        raise ExportError(str(exc)) from None
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise ExportError(f"out of disk space while quantizing the package in {out_dir}") from None
+        raise
+    for graph, quant_report in reports.items():
+        entry = manifest["graphs"][graph]
+        entry.pop("external_data", None)
+        entry.update(quant_report.manifest_entry())
+        entry.update(_graph_io(out_dir / entry["file"]))
+    manifest["quantization"] = quant if set(plan.values()) != {"fp32"} else "fp32"
+    manifest["quantization_plan"] = dict(plan)
+    return _write_package(out_dir, manifest)
+
+
+def _write_package(folder: Path, manifest: dict) -> ModelPackage:
+    """List the package's files with their checksums in `manifest`, write it to `folder`, load it back."""
+    listed = [n for entry in manifest["graphs"].values() for n in [entry["file"], *entry.get("external_data", [])]]
+    listed += [manifest["tokenizer"], manifest["chat_template"]]
+    manifest["files"] = {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+                         for name in listed}
+    _write_manifest(folder, manifest)
+    return ModelPackage.load(folder, verify=False)
 
 
 def _write_manifest(out_dir: Path, manifest: dict) -> None:
@@ -306,9 +361,12 @@ def main(args) -> int:
     """Entry point for `edgevlm export` (args from runtime/cli.py's parser)."""
     progress = Progress()
     try:
-        package, report = export_package(args.source, args.out_dir, quant=args.quant, overwrite=args.overwrite,
-                                         verify=not args.no_verify, greedy_tokens=args.verify_tokens,
-                                         revision=args.revision, progress=progress)
+        graph_quant = {"vision_encoder": args.vision_quant, "embed_tokens": args.embed_quant,
+                       "decoder": args.decoder_quant}
+        package, report = export_package(args.source, args.out_dir, quant=args.quant, graph_quant=graph_quant,
+                                         overwrite=args.overwrite, verify=not args.no_verify,
+                                         greedy_tokens=args.verify_tokens, revision=args.revision,
+                                         progress=progress)
     except ExportError as exc:
         print(f"edgevlm export: error: {exc}", file=sys.stderr)
         return 2

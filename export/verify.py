@@ -7,7 +7,7 @@ HF processor and the chat template), then a greedy run with the KV cache compare
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -37,10 +37,36 @@ def chat_inputs(processor, images: list[Image.Image], question: str, *, split_im
 
 
 @dataclass
+class QuantQuality:
+    """A quantized package against the fp32 graphs it was made from, on the same real input (informational: a
+    random-weight model's near-flat logits flip top-1 easily; judge quality on trained or real weights)."""
+
+    features_rel: float  # max |Δ| of image features / max |fp32 features|
+    logits_max_abs: float  # prefill logits, every position
+    logits_rel: float  # ... / max |fp32 logits|
+    top1_agreement: float  # share of prompt positions whose argmax agrees
+    kl: float  # mean KL(fp32 ‖ quantized) over prompt positions, nats
+
+    @property
+    def ok(self) -> bool:
+        return all(np.isfinite([self.features_rel, self.logits_max_abs, self.kl]))
+
+    def lines(self) -> list[str]:
+        return [
+            "quantized package against the fp32 graphs (same input):",
+            f"  image features   max|Δ| / max|fp32| = {self.features_rel:.2%}",
+            f"  prefill logits   max|Δ| = {self.logits_max_abs:.3e} ({self.logits_rel:.2%} of max|fp32|)",
+            f"  top-1 agreement  {self.top1_agreement:.1%} of prompt positions; mean KL {self.kl:.4f} nats"
+            + ("" if self.ok else "  FAIL (non-finite outputs)"),
+        ]
+
+
+@dataclass
 class Report:
     checks: list[tuple[str, float, float]] = field(default_factory=list)  # (name, max |Δ|, tolerance)
     greedy_reference: list[int] = field(default_factory=list)
     greedy_package: list[int] = field(default_factory=list)
+    quantization: QuantQuality | None = None
 
     @property
     def greedy_match(self) -> bool:
@@ -48,7 +74,8 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return self.greedy_match and all(delta <= tol for _, delta, tol in self.checks)
+        return (self.greedy_match and all(delta <= tol for _, delta, tol in self.checks)
+                and (self.quantization is None or self.quantization.ok))
 
     def lines(self) -> list[str]:
         out = ["verification against transformers (fp32 reference):"]
@@ -62,15 +89,20 @@ class Report:
                          min(len(self.greedy_reference), len(self.greedy_package)))
             out.append(f"  greedy tokens differ from transformers.generate at position {first}: "
                        f"reference {self.greedy_reference} vs package {self.greedy_package}  FAIL")
+        if self.quantization is not None:
+            out.extend(self.quantization.lines())
         return out
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "ok": self.ok,
             "max_abs_diff": {name: delta for name, delta, _ in self.checks},
             "greedy_tokens": len(self.greedy_reference),
             "greedy_identical": self.greedy_match,
         }
+        if self.quantization is not None:
+            out["quantization_vs_fp32"] = asdict(self.quantization)
+        return out
 
 
 def _max_diff(a, b) -> float:
@@ -126,3 +158,32 @@ def verify_package(model, processor, package: ModelPackage, *, greedy_tokens: in
     report.greedy_reference = generated[0, input_ids.shape[1]:].tolist()
     report.greedy_package = engine.greedy(input_ids.numpy(), features, greedy_tokens, tuple(eos_ids))
     return report
+
+
+def compare_packages(processor, reference: ModelPackage, package: ModelPackage) -> QuantQuality:
+    """Run the fp32 `reference` and the quantized `package` on one real input; how far apart are they?"""
+    inputs = chat_inputs(processor, [sample_image()], "Describe this image.", split_images=False)
+    input_ids = inputs["input_ids"].numpy()
+    pixel_values = inputs["pixel_values"].numpy()
+    pixel_mask = inputs["pixel_attention_mask"].numpy().astype(bool)
+    outputs = []
+    for pkg in (reference, package):
+        engine = Engine(pkg)
+        features = engine.encode_images(pixel_values, pixel_mask)
+        logits, _ = engine.prefill(input_ids, features)
+        outputs.append((features.astype(np.float64), logits[0].astype(np.float64)))
+    (ref_features, ref_logits), (features, logits) = outputs
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    ref_logp, logp = log_softmax(ref_logits), log_softmax(logits)
+    kl = float((np.exp(ref_logp) * (ref_logp - logp)).sum(-1).mean())
+    return QuantQuality(
+        features_rel=float(np.abs(features - ref_features).max() / np.abs(ref_features).max()),
+        logits_max_abs=float(np.abs(logits - ref_logits).max()),
+        logits_rel=float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()),
+        top1_agreement=float((logits.argmax(-1) == ref_logits.argmax(-1)).mean()),
+        kl=kl,
+    )

@@ -19,7 +19,13 @@ def _add_export(subparsers) -> None:
     )
     p.add_argument("source", help="checkpoint folder, or a Hugging Face hub id such as HuggingFaceTB/SmolVLM-256M-Instruct")
     p.add_argument("out_dir", help="folder to write the package to (created; must be empty unless --overwrite)")
-    p.add_argument("--quant", default="fp32", choices=["fp32"], help="weight precision of the graphs (default fp32)")
+    modes = ["fp32", "fp16", "int8", "int4"]
+    p.add_argument("--quant", default="fp32", choices=modes,
+                   help="precision plan: fp32; int8 (all graphs); int4 (decoder 4-bit, embeddings and vision int8); "
+                        "fp16 (GPU packages). Default fp32")
+    for graph, flag in (("vision encoder", "--vision-quant"), ("token embeddings", "--embed-quant"),
+                        ("decoder", "--decoder-quant")):
+        p.add_argument(flag, choices=modes, help=f"override the plan for the {graph} graph")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package in OUT_DIR")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) when SOURCE is a hub id")
     p.add_argument("--verify-tokens", type=int, default=16, metavar="N",

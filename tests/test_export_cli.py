@@ -75,7 +75,8 @@ def test_unreadable_config_and_missing_weights(tiny_checkpoint, tmp_path):
 
 def _args(source, out) -> argparse.Namespace:
     return argparse.Namespace(source=str(source), out_dir=str(out), quant="fp32", overwrite=False,
-                              no_verify=True, verify_tokens=4, revision=None)
+                              no_verify=True, verify_tokens=4, revision=None, vision_quant=None,
+                              embed_quant=None, decoder_quant=None)
 
 
 def test_out_of_space_before_export_is_one_clear_line(tiny_checkpoint, tmp_path, monkeypatch, capsys):
@@ -129,3 +130,33 @@ def test_large_graphs_keep_their_weights_in_one_external_data_file(tiny_checkpoi
         "decoder_model_merged.onnx", "decoder_model_merged.onnx_data",
         "embed_tokens.onnx", "embed_tokens.onnx_data", "vision_encoder.onnx"]
     Engine(package)  # loads with the weights beside the graphs
+
+
+def test_quantized_export_records_each_graph_and_serves(tiny_checkpoint, tmp_path):
+    """--quant int4 with a per-graph override: fp32 verified first, then quantized and measured against it."""
+    from edgevlm.runtime.package import ModelPackage
+    from edgevlm.runtime.sampling import SamplingParams
+    from edgevlm.runtime.vlm import VisionLanguageModel
+
+    out = tmp_path / "int4"
+    result = run_export(str(tiny_checkpoint), str(out), "--quant", "int4", "--vision-quant", "fp32",
+                        "--verify-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert "identical to transformers.generate" in result.stderr  # the fp32 graphs were proven first
+    assert "quantized package against the fp32 graphs" in result.stderr
+    package = ModelPackage.load(out)
+    manifest = package.manifest
+    assert manifest["quantization"] == "int4"
+    assert manifest["quantization_plan"] == {"vision_encoder": "fp32", "embed_tokens": "int8", "decoder": "int4"}
+    assert package.graph("decoder")["quantization"] == "int4"
+    assert package.graph("decoder")["contrib_ops"] == ["MatMulNBits"]
+    assert package.graph("embed_tokens")["quantization"] == "int8"
+    assert manifest["verification"]["quantization_vs_fp32"]["top1_agreement"] > 0.5
+    assert not (out / ".fp32-reference").exists()
+    sizes = {g: (out / package.graph(g)["file"]).stat().st_size for g in ("decoder", "embed_tokens")}
+    assert sizes["decoder"] < 0.35 * 13_000_000 and sizes["embed_tokens"] < 0.3 * 12_600_000
+
+    vlm = VisionLanguageModel.load(out)
+    steps = list(vlm.generate(vlm.prepare([{"role": "user", "content": "hi"}]), SamplingParams(temperature=0),
+                              max_tokens=5))
+    assert len(steps) == 5
