@@ -132,6 +132,7 @@ def make_app(config: ServerConfig, *, loader: Callable[[], VisionLanguageModel] 
         def run() -> None:
             try:
                 model = load()
+                model.engine.warm_up()
                 state.fingerprint = _fingerprint(model)
                 state.model = model
                 print(f"edgevlm: model {model.name} ready", flush=True)
