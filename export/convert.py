@@ -300,7 +300,7 @@ def export_package(source: str, out_dir: str | Path, *, quant: str = "fp32", gra
         progress(f"verifying against transformers (each graph on a real input, greedy {greedy_tokens} tokens)")
         report = verify_package(model, processor, reference, greedy_tokens=greedy_tokens)
         manifest["verification"] = report.to_dict()
-        reference = _write_package(fp32_dir, manifest)
+        reference = _write_package(fp32_dir, manifest, files_changed=False)
     if not quantized:
         progress(f"package written: {out_dir}")
         return reference, report
@@ -312,7 +312,7 @@ def export_package(source: str, out_dir: str | Path, *, quant: str = "fp32", gra
         progress("measuring the quantized package against the fp32 graphs")
         report.quantization = compare_packages(processor, reference, package)
         manifest["verification"] = report.to_dict()
-        package = _write_package(out_dir, manifest)
+        package = _write_package(out_dir, manifest, files_changed=False)
     shutil.rmtree(fp32_dir)
     progress(f"package written: {_size_mb(out_dir, list(manifest['files']))} in {out_dir}")
     return package, report
@@ -341,12 +341,16 @@ def _quantize_package(reference: ModelPackage, out_dir: Path, manifest: dict, pl
     return _write_package(out_dir, manifest)
 
 
-def _write_package(folder: Path, manifest: dict) -> ModelPackage:
-    """List the package's files with their checksums in `manifest`, write it to `folder`, load it back."""
-    listed = [n for entry in manifest["graphs"].values() for n in [entry["file"], *entry.get("external_data", [])]]
-    listed += [manifest["tokenizer"], manifest["chat_template"]]
-    manifest["files"] = {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
-                         for name in listed}
+def _write_package(folder: Path, manifest: dict, *, files_changed: bool = True) -> ModelPackage:
+    """List the package's files with their checksums in `manifest`, write it to `folder`, load it back.
+
+    `files_changed=False` when only the manifest's own fields changed: the checksums stand (hashing a 1 GB
+    package takes seconds)."""
+    if files_changed:
+        listed = [n for e in manifest["graphs"].values() for n in [e["file"], *e.get("external_data", [])]]
+        listed += [manifest["tokenizer"], manifest["chat_template"]]
+        manifest["files"] = {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+                             for name in listed}
     _write_manifest(folder, manifest)
     return ModelPackage.load(folder, verify=False)
 
