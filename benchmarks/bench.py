@@ -1,6 +1,6 @@
 """Speed and memory of edgevlm packages against transformers eager fp32, measured in the same run.
 
-    python benchmarks/bench.py                       # SmolVLM-256M dimensions, random weights, fp32 package
+    python benchmarks/bench.py                       # SmolVLM-256M dimensions, random weights, fp32/int8/int4
     python benchmarks/bench.py --package PKG ...     # packages you exported (same checkpoint as --checkpoint)
     python benchmarks/bench.py --quick               # fewer repeats and contexts, for a smoke run
 
@@ -235,6 +235,8 @@ def main() -> int:
     parser.add_argument("--checkpoint", help="HF checkpoint for the baseline (default: random SmolVLM-256M build)")
     parser.add_argument("--package", action="append", default=[], help="package(s) to measure (default: export "
                         "the checkpoint to fp32)")
+    parser.add_argument("--quant", nargs="+", default=["fp32", "int8", "int4"],
+                        help="plans to export and measure when no --package is given")
     parser.add_argument("--workdir", default="/tmp/edgevlm-bench", help="where built checkpoints/packages go")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode-tokens", type=int, default=32)
@@ -264,10 +266,11 @@ def main() -> int:
     if not packages:
         from edgevlm.export.convert import Progress, export_package
 
-        fp32 = workdir / "smolvlm-256m-fp32"
-        if not (fp32 / "model.json").exists():
-            export_package(str(checkpoint), fp32, verify=False, progress=Progress())
-        packages = [fp32]
+        for quant in args.quant:
+            package = workdir / f"{checkpoint.name}-{quant}"
+            if not (package / "model.json").exists():
+                export_package(str(checkpoint), package, quant=quant, verify=False, progress=Progress())
+            packages.append(package)
 
     bandwidth = copy_bandwidth_gbs()
     rows = {"transformers eager fp32": run_worker("transformers", str(checkpoint), args)}
