@@ -1,0 +1,218 @@
+"""The whole demo-model recipe in one command: data → tokenizer → training → export → evaluation.
+
+    python -m edgevlm.export.demo.recipe --out models/demo-shapes [--work build/demo-shapes-work]
+
+- data: the seeded generator (`data.py`) is previewed and timed; training draws its images on the fly from seed
+  `TrainConfig.seed`, the evaluation from seeds training never uses.
+- tokenizer: a byte-level BPE trained on the corpus with SmolVLM's special tokens and chat template (`tokenizer.py`).
+- training: `train.py` (torch, CPU), checkpoints in `<work>/best` and `<work>/last` (complete HF checkpoint folders).
+- export: the project's exporter (`edgevlm export`), with its verification against transformers, into `--out`.
+- evaluation: `benchmarks/demo_accuracy.py` through the runtime (onnxruntime), then `<out>/README.md` is written
+  with the accuracy table, the training curve and the timings.
+
+`--skip-train` exports and evaluates the checkpoint already in `--work` (e.g. after a run of `train.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def stage(name: str):
+    class _Stage:
+        def __enter__(self):
+            self.t0 = time.time()
+            log(f"== {name}")
+            return self
+
+        def __exit__(self, *exc):
+            self.seconds = time.time() - self.t0
+            log(f"== {name}: {self.seconds:.1f} s")
+            TIMES[name] = self.seconds
+    return _Stage()
+
+
+TIMES: dict[str, float] = {}
+
+
+def main(argv=None) -> int:
+    from .train import Dims, TrainConfig
+
+    ap = argparse.ArgumentParser(description="train, export and evaluate the bundled demo model")
+    ap.add_argument("--out", default=str(ROOT / "models" / "demo-shapes"))
+    ap.add_argument("--work", default=str(ROOT / "build" / "demo-shapes-work"),
+                    help="tokenizer files, checkpoints and the training curve")
+    ap.add_argument("--steps", type=int, default=TrainConfig.steps)
+    ap.add_argument("--max-minutes", type=float, default=60.0,
+                    help="wall-clock cap on training; the LR decay follows it if it binds")
+    ap.add_argument("--seed", type=int, default=TrainConfig.seed)
+    ap.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                    help="export the best checkpoint on the progress set (default) or the last one")
+    ap.add_argument("--eval-n", type=int, default=1050)
+    ap.add_argument("--eval-seed", type=int, default=20261125)
+    ap.add_argument("--skip-train", action="store_true", help="reuse the checkpoint in --work")
+    a = ap.parse_args(argv)
+    work, out = Path(a.work), Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    t_all = time.time()
+
+    with stage("data"):
+        from . import data as D
+
+        rng = random.Random(a.seed)
+        t0 = time.time()
+        scenes = [D.make_scene(rng) for _ in range(200)]
+        log(f"  {1000 * (time.time() - t0) / 200:.1f} ms per image; e.g.:")
+        for s in D.eval_samples(a.seed, 7):
+            log(f"  [{s.qtype}] {s.question} → {s.answer}")
+        del scenes
+
+    with stage("tokenizer"):
+        from .tokenizer import train_tokenizer
+
+        tok = train_tokenizer()
+        log(f"  vocabulary: {tok.get_vocab_size()} tokens")
+
+    train_info = None
+    if a.skip_train:
+        log("== training: skipped (--skip-train), using " + str(work / a.checkpoint))
+    else:
+        with stage("training"):
+            from .train import train
+
+            cfg = TrainConfig(seed=a.seed, steps=a.steps, max_minutes=a.max_minutes)
+            train_info = train(work, cfg, Dims(), log=log)
+            (work / "train_info.json").write_text(json.dumps({k: v for k, v in train_info.items()}, indent=1))
+
+    with stage("export"):
+        from edgevlm.export.convert import Progress, export_package
+
+        package, report = export_package(str(work / a.checkpoint), out, overwrite=True, progress=Progress())
+        for line in report.lines():
+            log("  " + line)
+        if not report.ok:
+            log("export verification failed")
+            return 1
+        size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+        log(f"  package: {size / 1e6:.2f} MB in {out}")
+
+    with stage("evaluation"):
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import demo_accuracy
+
+        result = demo_accuracy.evaluate(out, a.eval_n, a.eval_seed, show_errors=10, log=log)
+        tab = demo_accuracy.table(result)
+        log(tab)
+        for qtype, q, want, got in result["errors"]:
+            log(f"  wrong: {qtype} | {q} | {want} | {got.strip()!r}")
+
+    curve = json.loads((work / "curve.json").read_text()) if (work / "curve.json").exists() else []
+    write_readme(out, tab, curve, a, size, result)
+    log(f"== all stages: {(time.time() - t_all) / 60:.1f} min")
+    return 0
+
+
+def write_readme(out: Path, tab: str, curve: list, a, size: int, result: dict) -> None:
+    from .train import Dims, TrainConfig
+
+    dims, cfg = Dims(), TrainConfig()
+    train_minutes = curve[-1]["minutes"] if curve else float("nan")
+    steps = curve[-1]["step"] if curve else 0
+    rows = ["| step | minutes | shape | colour | colour of shape | count | position | describe | small talk | overall |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in curve:
+        rows.append(f"| {c['step']} | {c['minutes']:.1f} | " + " | ".join(
+            f"{100 * c.get(k, 0):.0f}" for k in ("shape", "colour", "colour_of_shape", "count", "position",
+                                                 "describe", "smalltalk", "overall")) + " |")
+    text = f"""# demo-shapes: the bundled demo model
+
+A tiny vision-language model in SmolVLM's architecture (`Idefics3ForConditionalGeneration`: SigLIP vision tower,
+pixel-shuffle connector, Llama text model) trained from scratch on synthetic images, so that a fresh clone serves
+something real, offline. It answers questions about 1–3 coloured shapes (circle, square, triangle, star; red,
+orange, yellow, green, blue, purple, black, white) on plain or textured backgrounds, and nothing else: it is a demo
+of the runtime, not a general model.
+
+What it answers (greedy, exact answers):
+
+| question (each has ≥ 5 phrasings) | answer |
+|---|---|
+| What shape is in the image? (one shape) | A circle. |
+| What color is the shape? (one shape) | It is red. |
+| What color is the star? | The star is green. |
+| How many shapes are there? | There are 2 shapes. / There is 1 shape. |
+| Where is the blue square? | The blue square is on the left. (on the left / on the right / at the top / at the bottom / in the center) |
+| Describe the image. | A red circle and a green star. (left, top, center, bottom, right order) |
+| Hello / What can you do? (no image) | I am a small demo model that describes shapes and colours in images. |
+
+Images are read as one 96×96 tile (`do_image_splitting: false`; 16 image tokens); positions refer to the image as
+sent.
+
+## Model
+
+- vision: {dims.vision_layers} layers × {dims.vision_hidden} hidden, patch {dims.patch_size}, 96 px tile → 144 patches;
+  pixel shuffle ×{dims.scale_factor} → 16 image tokens
+- text: Llama, {dims.text_layers} layers × {dims.text_hidden} hidden, {dims.text_heads} heads ({dims.text_kv_heads} KV heads)
+- tokenizer: byte-level BPE trained with `tokenizers` on the question/answer corpus ({len(json.loads((out / 'tokenizer.json').read_text())['model']['vocab'])} tokens) with SmolVLM's
+  special tokens (`<|im_start|>`, `<end_of_utterance>`, `<image>`, `<fake_token_around_image>`, `<global-img>`,
+  `<row_R_col_C>`, …) and SmolVLM's chat template; stops on `<end_of_utterance>` / `<|im_end|>`
+- package: fp32 ONNX, {size / 1e6:.1f} MB, exported and verified with `edgevlm export`
+
+## How it was trained
+
+```sh
+python -m edgevlm.export.demo.recipe --out models/demo-shapes
+```
+
+runs data → tokenizer → training → export → evaluation (code in `export/demo/`). Training is one stage with two
+losses: next-token cross-entropy on the answers, plus auxiliary classifiers (dropped at export) that give the vision tower a direct
+signal: per vision patch, the shape (object patches only) and colour of the object under it; per image token after
+the connector, the shape and colour of the object covering it and the token's own grid cell.
+Each image's vision features are reused for {cfg.questions_per_image} questions. AdamW, batch {cfg.images_per_batch} images
+(+ {cfg.text_only_per_batch} text-only small-talk samples), LR {cfg.lr} (vision {cfg.vision_lr}), warmup and cosine decay, seed {a.seed}.
+Images are generated on the fly and preprocessed with the runtime's Idefics3 preprocessing (bit-identical to
+transformers' `Idefics3ImageProcessor`), so training and serving see the same pixels.
+
+Training: {steps} steps ({steps * cfg.images_per_batch:,} images, {steps * cfg.images_per_batch * cfg.questions_per_image:,} image questions) in {train_minutes:.0f} minutes on 2 CPU cores
+(fp32, torch {_torch_version()}).
+
+Progress during training (teacher-forced exact match on a fixed set of {cfg.eval_size} held-out samples, %):
+
+{chr(10).join(rows)}
+
+## Accuracy
+
+`python benchmarks/demo_accuracy.py` — {result['overall'][1]} held-out samples (seed {a.eval_seed}, never used in training),
+through the runtime (onnxruntime, greedy), exact match after light normalisation:
+
+{tab}
+
+## License
+
+Apache-2.0, as the rest of the project (the weights are trained from scratch on generated data; the chat template
+and special-token names come from SmolVLM, Apache-2.0).
+"""
+    (out / "README.md").write_text(text)
+
+
+def _torch_version() -> str:
+    try:
+        import torch
+
+        return torch.__version__
+    except ImportError:
+        return "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
