@@ -28,6 +28,14 @@ GRAPH_FILES = {
     "embed_tokens": "embed_tokens.onnx",
     "decoder": "decoder_model_merged.onnx",
 }
+# The decoder comes in two forms (model.json graphs.decoder.form):
+#   "fused"    (default) built node by node by export/fused_decoder.py: GroupQueryAttention with the KV cache
+#              updated in place in one preallocated buffer, fused RMSNorms, last-position logits. The fast one.
+#   "portable" traced from transformers: onnx-community's decoder_model_merged.onnx interface (attention_mask,
+#              position_ids, a fresh present tensor per step), every op standard ONNX. For other tools and for
+#              fp16 GPU packages.
+DECODER_FORMS = ("fused", "portable")
+FUSED_DECODER_FILE = "decoder_model_fused.onnx"
 
 
 class ExportError(Exception):
@@ -141,7 +149,9 @@ def _graph_io(path: Path) -> dict:
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
-def _export_graphs(family, model, work: Path, progress: Progress) -> dict[str, list[str]]:
+def _export_graphs(family, model, work: Path, progress: Progress,
+                   decoder_form: str = "fused") -> tuple[dict[str, list[str]], dict]:
+    """Export the three graphs into `work`; → ({graph: files}, extra model.json fields of the decoder entry)."""
     import torch
     from optimum.exporters.onnx.convert import export_pytorch
 
@@ -180,13 +190,26 @@ def _export_graphs(family, model, work: Path, progress: Progress) -> dict[str, l
         files["embed_tokens"] = _save_external_if_large(path)
         progress(f"embed_tokens: done ({_size_mb(work, files['embed_tokens'])})")
 
-        progress("decoder_model_merged: exporting with optimum's ONNX config and model patcher")
-        path = work / GRAPH_FILES["decoder"]
-        export_pytorch(family.Decoder(model).eval(), family.decoder_onnx_config(model.config.text_config),
-                       OPSET, path)
-        files["decoder"] = _save_external_if_large(path)
-        progress(f"decoder_model_merged: done ({_size_mb(work, files['decoder'])})")
-    return files
+        if decoder_form == "fused":
+            from .fused_decoder import build_fused_decoder
+
+            progress("decoder (fused): building the GroupQueryAttention graph from the weights")
+            description = build_fused_decoder(model, work / FUSED_DECODER_FILE,
+                                              external_threshold=EXTERNAL_DATA_THRESHOLD)
+            files["decoder"] = [description["file"], *description.get("external_data", [])]
+            decoder_fields = {key: description[key] for key in (
+                "form", "kv_dtype", "kv_layout", "max_sequence_length", "past_present_share_buffer", "logits")}
+            progress(f"decoder (fused): done, {description['node_count']} nodes "
+                     f"({_size_mb(work, files['decoder'])})")
+        else:
+            progress("decoder_model_merged: exporting with optimum's ONNX config and model patcher")
+            path = work / GRAPH_FILES["decoder"]
+            export_pytorch(family.Decoder(model).eval(), family.decoder_onnx_config(model.config.text_config),
+                           OPSET, path)
+            files["decoder"] = _save_external_if_large(path)
+            decoder_fields = {"form": "portable", "kv_dtype": "float32", "logits": "all_positions"}
+            progress(f"decoder_model_merged: done ({_size_mb(work, files['decoder'])})")
+    return files, decoder_fields
 
 
 def _size_mb(folder: Path, names: list[str]) -> str:
@@ -215,13 +238,15 @@ def _generation_defaults(model) -> dict:
 
 
 def export_package(source: str, out_dir: str | Path, *, quant: str = "fp32", graph_quant: dict | None = None,
-                   overwrite: bool = False, verify: bool = True, greedy_tokens: int = 16,
+                   decoder_form: str | None = None, overwrite: bool = False, verify: bool = True,
+                   greedy_tokens: int = 16,
                    revision: str | None = None, progress: Progress | None = None) -> tuple[ModelPackage, object]:
     """Export `source` (local folder or hub id) to `out_dir`; returns the package and the verification report.
 
     `quant` picks the per-graph plan (`export.quantize.PLANS`); `graph_quant` overrides single graphs. The fp32
     graphs are always exported and verified against transformers first; a quantized package is then measured
-    against them (the report's `quantization` lines).
+    against them (the report's `quantization` lines). `decoder_form` is "fused" or "portable" (see DECODER_FORMS);
+    by default fused, except for an fp16 decoder (GPU packages), which is portable.
     """
     from .quantize import QuantizationError, plan_for
 
@@ -232,6 +257,14 @@ def export_package(source: str, out_dir: str | Path, *, quant: str = "fp32", gra
         raise ExportError(str(exc)) from None
     plan.update({graph: mode for graph, mode in (graph_quant or {}).items() if mode})
     quantized = any(mode != "fp32" for mode in plan.values())
+    if decoder_form is None:
+        decoder_form = "portable" if plan["decoder"] == "fp16" else "fused"
+    if decoder_form not in DECODER_FORMS:
+        raise ExportError(f"unknown decoder form {decoder_form!r} (choose one of: {', '.join(DECODER_FORMS)})")
+    if decoder_form == "fused" and plan["decoder"] == "fp16":
+        # The fused graph's fp16 conversion (fp16 KV buffer, GroupQueryAttention's CUDA kernel) is not built yet.
+        raise ExportError("an fp16 decoder is only available in the portable form: pass --decoder-form portable "
+                          "(or another --decoder-quant)")
     out_dir = Path(out_dir)
     hub_kwargs = {"revision": revision} if revision else {}
     config = _read_config(source, hub_kwargs)
@@ -253,7 +286,7 @@ def export_package(source: str, out_dir: str | Path, *, quant: str = "fp32", gra
     fp32_dir = out_dir / ".fp32-reference" if quantized else out_dir
     fp32_dir.mkdir(exist_ok=True)
     try:
-        files = _export_graphs(family, model, fp32_dir, progress)
+        files, decoder_fields = _export_graphs(family, model, fp32_dir, progress, decoder_form)
         metadata = family.package_metadata(model, processor)
         template = processor.chat_template or processor.tokenizer.chat_template
         if not template:
@@ -272,7 +305,7 @@ def export_package(source: str, out_dir: str | Path, *, quant: str = "fp32", gra
         if len(names) > 1:
             entry["external_data"] = names[1:]
         graphs[graph] = entry
-    graphs["decoder"].update(form="portable", kv_dtype="float32")
+    graphs["decoder"].update(decoder_fields)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -368,7 +401,7 @@ def main(args) -> int:
         graph_quant = {"vision_encoder": args.vision_quant, "embed_tokens": args.embed_quant,
                        "decoder": args.decoder_quant}
         package, report = export_package(args.source, args.out_dir, quant=args.quant, graph_quant=graph_quant,
-                                         overwrite=args.overwrite, verify=not args.no_verify,
+                                         decoder_form=args.decoder_form, overwrite=args.overwrite, verify=not args.no_verify,
                                          greedy_tokens=args.verify_tokens, revision=args.revision,
                                          progress=progress)
     except ExportError as exc:

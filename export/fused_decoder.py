@@ -82,7 +82,7 @@ def _rotary_caches(text_model, config, max_len: int) -> tuple[np.ndarray, np.nda
 
 
 def build_fused_decoder(model, out_path, *, max_sequence_length: int | None = None,
-                        external_data: bool | None = None) -> dict:
+                        external_data: bool | None = None, external_threshold: int = 1_800_000_000) -> dict:
     """Write the fused decoder graph of `model` (Idefics3ForConditionalGeneration) to `out_path`.
 
     `max_sequence_length` (default: the text config's max_position_embeddings) bounds the rotary caches and so the
@@ -217,10 +217,10 @@ def build_fused_decoder(model, out_path, *, max_sequence_length: int | None = No
     out_path.parent.mkdir(parents=True, exist_ok=True)
     total_bytes = sum(t.ByteSize() for t in inits)
     if external_data is None:
-        external_data = total_bytes > 1_800_000_000  # protobuf's hard 2 GB limit
+        external_data = total_bytes > external_threshold  # protobuf's hard limit is 2 GB
     if external_data:
         onnx.save_model(onnx_model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=out_path.name + ".data", size_threshold=1024)
+                        location=out_path.name + "_data", size_threshold=1024)
     else:
         onnx.save_model(onnx_model, str(out_path))
 
@@ -234,6 +234,7 @@ def build_fused_decoder(model, out_path, *, max_sequence_length: int | None = No
 
     return {
         "file": out_path.name,
+        **({"external_data": [out_path.name + "_data"]} if external_data else {}),
         "form": "fused",
         "inputs": io(graph_inputs),
         "outputs": io(graph_outputs),

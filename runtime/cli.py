@@ -26,6 +26,9 @@ def _add_export(subparsers) -> None:
     for graph, flag in (("vision encoder", "--vision-quant"), ("token embeddings", "--embed-quant"),
                         ("decoder", "--decoder-quant")):
         p.add_argument(flag, choices=modes, help=f"override the plan for the {graph} graph")
+    p.add_argument("--decoder-form", choices=["fused", "portable"],
+                   help="fused (default; GroupQueryAttention, in-place KV cache, fastest on CPU) or portable (the "
+                        "traced graph with onnx-community's decoder_model_merged.onnx interface; default for fp16)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package in OUT_DIR")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) when SOURCE is a hub id")
     p.add_argument("--verify-tokens", type=int, default=16, metavar="N",

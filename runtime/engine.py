@@ -2,7 +2,8 @@
 
 Data flow: pixel values → `encode_images` → image features; prompt ids → `embed` → token embeddings;
 `splice_image_features` puts the image features at the image-token positions; `forward` runs the decoder on new
-embeddings after what the cache already holds and returns the logits of every new position plus the grown cache.
+embeddings after what the cache already holds and returns logits (every new position for a portable decoder, the
+last one for a fused decoder) plus the grown cache.
 """
 
 from __future__ import annotations
@@ -21,15 +22,25 @@ from .package import ModelPackage
 class KVCache:
     """Per-layer keys and values, [batch, kv_heads, length, head_dim] each, as onnxruntime values.
 
-    They stay where the decoder wrote them (host memory on CPU, GPU memory with CUDA): each step binds the last
-    step's outputs as its inputs, so the cache is never copied through numpy between steps.
+    They stay where the decoder wrote them (host memory on CPU, GPU memory with CUDA): each step binds them as the
+    next step's inputs, so the cache is never copied through numpy between steps.
+
+    Two layouts, after the decoder's form:
+      * portable: each step's `present` tensors are new values of exactly `length` positions (`used` is None);
+      * fused: preallocated buffers of `capacity` positions that GroupQueryAttention appends to in place; `used`
+        says how many positions hold tokens. A decode step writes one position and copies nothing.
     """
 
     keys: list[ort.OrtValue]
     values: list[ort.OrtValue]
+    used: int | None = None
 
     @property
     def length(self) -> int:
+        return self.keys[0].shape()[2] if self.used is None else self.used
+
+    @property
+    def capacity(self) -> int:
         return self.keys[0].shape()[2]
 
     @property
@@ -37,8 +48,9 @@ class KVCache:
         return self.keys[0].shape()[0]
 
     def arrays(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """Host copies of one layer's keys and values (for checks, not for the decode loop)."""
-        return self.keys[layer].numpy(), self.values[layer].numpy()
+        """Host copies of one layer's keys and values, the used positions only (for checks, not the decode loop)."""
+        n = self.length
+        return self.keys[layer].numpy()[:, :, :n], self.values[layer].numpy()[:, :, :n]
 
     def take(self, rows: list[int]) -> "KVCache":
         """A cache holding the given batch rows (repeat a prefill for n choices, drop finished choices)."""
@@ -47,7 +59,24 @@ class KVCache:
         def pick(value: ort.OrtValue) -> ort.OrtValue:
             return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value.numpy()[rows]), device, 0)
 
-        return KVCache(keys=[pick(k) for k in self.keys], values=[pick(v) for v in self.values])
+        return KVCache(keys=[pick(k) for k in self.keys], values=[pick(v) for v in self.values], used=self.used)
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads share one core's vector units; onnxruntime's GEMMs
+    gain nothing from the second thread of a core and lose to its contention)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        try:
+            siblings = open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read().strip()
+        except OSError:
+            return len(cpus) or 1
+        cores.add(siblings)
+    return len(cores) or 1
 
 
 def _providers(device: str) -> list[str]:
@@ -68,8 +97,14 @@ class Engine:
     def __init__(self, package: ModelPackage, *, device: str = "cpu", threads: int | None = None):
         self.package = package
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        self.threads = threads or physical_cores()
+        options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.enable_cpu_mem_arena = True
+        # Workers spin between the many small kernels of a decode step instead of sleeping and waking (~10% at
+        # SmolVLM-256M size); an idle server stops spinning as soon as no run is in flight.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
         providers = _providers(device)
         self._ort_device = "cuda" if device == "cuda" else "cpu"
 
@@ -88,7 +123,13 @@ class Engine:
         self.head_dim = text["head_dim"]
         self.context_length = text["context_length"]
         self.image_token_id = package.tokens["image_token_id"]
-        self._kv_dtype = np.dtype(package.graph("decoder").get("kv_dtype", "float32"))
+        decoder = package.graph("decoder")
+        self._kv_dtype = np.dtype(decoder.get("kv_dtype", "float32"))
+        self.decoder_form = decoder.get("form", "portable")
+        if self.decoder_form not in ("portable", "fused"):
+            raise PackageError(f"model package {package.path}: unknown decoder form {self.decoder_form!r}")
+        # The fused graph's rotary tables have max_sequence_length rows: its KV buffers can hold no more.
+        self.max_kv_length = min(self.context_length, int(decoder.get("max_sequence_length", self.context_length)))
 
     def warm_up(self) -> None:
         """One decoder step at load, so the first request does not pay for first-run allocations (~0.1 s at
@@ -125,17 +166,33 @@ class Engine:
             inputs_embeds[positions] = features
         return inputs_embeds
 
+    @property
+    def logits_all_positions(self) -> bool:
+        """Whether `forward` returns logits for every new position (portable) or the last one only (fused)."""
+        return self.decoder_form == "portable"
+
     def empty_cache(self, batch: int = 1) -> KVCache:
-        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self._kv_dtype)
+        return self._allocate_cache(batch, 0)
 
-        def value() -> ort.OrtValue:
-            return ort.OrtValue.ortvalue_from_numpy(empty, self._ort_device, 0)
+    def _allocate_cache(self, batch: int, capacity: int, old: KVCache | None = None) -> KVCache:
+        def value(previous: ort.OrtValue | None) -> ort.OrtValue:
+            array = np.zeros((batch, self.kv_heads, capacity, self.head_dim), self._kv_dtype)
+            if previous is not None and old.length:
+                array[:, :, :old.length] = previous.numpy()[:, :, :old.length]
+            return ort.OrtValue.ortvalue_from_numpy(array, self._ort_device, 0)
 
-        return KVCache(keys=[value() for _ in range(self.num_layers)],
-                       values=[value() for _ in range(self.num_layers)])
+        keys = [value(old.keys[i] if old else None) for i in range(self.num_layers)]
+        values = [value(old.values[i] if old else None) for i in range(self.num_layers)]
+        return KVCache(keys=keys, values=values, used=None if self.decoder_form == "portable" else
+                       (old.length if old else 0))
 
-    def forward(self, inputs_embeds: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
-        """Run the decoder on `inputs_embeds` [B, S, hidden] after the cache; → logits [B, S, vocab], new cache."""
+    def forward(self, inputs_embeds: np.ndarray, cache: KVCache, *, reserve: int = 0) -> tuple[np.ndarray, KVCache]:
+        """Run the decoder on `inputs_embeds` [B, S, hidden] after the cache; → logits and the grown cache.
+
+        Logits are [B, S, vocab] for a portable decoder, [B, 1, vocab] (last position) for a fused one. With a fused
+        decoder the returned cache is `cache` itself, extended in place; when its buffers are full they are
+        reallocated with room for `reserve` more tokens (the caller's expected answer length) or twice the size.
+        """
         batch, seq = inputs_embeds.shape[:2]
         past = cache.length
         if past + seq > self.context_length:
@@ -144,6 +201,8 @@ class Engine:
                 f"{self.context_length} tokens",
                 param="messages",
             )
+        if self.decoder_form == "fused":
+            return self._forward_fused(inputs_embeds, cache, reserve)
         binding = self.decoder.io_binding()
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
         binding.bind_cpu_input("attention_mask", np.ones((batch, past + seq), dtype=np.int64))
@@ -160,11 +219,38 @@ class Engine:
         logits, *present = binding.get_outputs()
         return logits.numpy(), KVCache(keys=present[0::2], values=present[1::2])
 
-    def prefill(self, input_ids: np.ndarray, image_features: np.ndarray | None = None) -> tuple[np.ndarray, KVCache]:
-        """Embed the prompt, splice in image features, run it through the decoder from an empty cache."""
+    def _forward_fused(self, inputs_embeds: np.ndarray, cache: KVCache, reserve: int) -> tuple[np.ndarray, KVCache]:
+        batch, seq = inputs_embeds.shape[:2]
+        total = cache.length + seq
+        if total > self.max_kv_length:
+            raise ContextLengthError(f"the conversation needs {total} tokens, more than this package's decoder "
+                                     f"holds ({self.max_kv_length})", param="messages")
+        if total > cache.capacity:
+            # Round up to 256 positions so short growth steps do not reallocate every call.
+            wanted = max(total + reserve, 2 * cache.capacity, -(-total // 256) * 256)
+            cache = self._allocate_cache(batch, min(wanted, self.max_kv_length), cache)
+        binding = self.decoder.io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
+        binding.bind_cpu_input("seqlens_k", np.full((batch,), total - 1, dtype=np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
+        binding.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
+        # The same buffer as past and present: GroupQueryAttention sees the shared memory and writes only the new
+        # positions [past, total).
+        for i in range(self.num_layers):
+            for name, buffer in (("key", cache.keys[i]), ("value", cache.values[i])):
+                binding.bind_ortvalue_input(f"past_key_values.{i}.{name}", buffer)
+                binding.bind_ortvalue_output(f"present.{i}.{name}", buffer)
+        self.decoder.run_with_iobinding(binding)
+        cache.used = total
+        return binding.get_outputs()[0].numpy(), cache
+
+    def prefill(self, input_ids: np.ndarray, image_features: np.ndarray | None = None, *,
+                reserve: int = 0) -> tuple[np.ndarray, KVCache]:
+        """Embed the prompt, splice in image features, run it through the decoder from an empty cache (with room
+        for `reserve` generated tokens when the decoder preallocates its cache)."""
         input_ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
         embeds = self.splice_image_features(input_ids, self.embed(input_ids), image_features)
-        return self.forward(embeds, self.empty_cache())
+        return self.forward(embeds, self.empty_cache(), reserve=reserve)
 
     def decode_step(self, token_id: int, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         embeds = self.embed(np.array([[token_id]], dtype=np.int64))
@@ -173,7 +259,7 @@ class Engine:
     def greedy(self, input_ids: np.ndarray, image_features: np.ndarray | None, max_new_tokens: int,
                stop_ids: tuple[int, ...] = ()) -> list[int]:
         """Greedy decoding with the KV cache: argmax at every step, stop on an id in `stop_ids`."""
-        logits, cache = self.prefill(input_ids, image_features)
+        logits, cache = self.prefill(input_ids, image_features, reserve=max_new_tokens)
         tokens: list[int] = []
         while len(tokens) < max_new_tokens:
             token = int(np.argmax(logits[0, -1]))

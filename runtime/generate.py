@@ -49,7 +49,7 @@ def generate(engine: Engine, tokenizer, prompt_ids: Sequence[int], image_feature
             f"the prompt is {len(prompt_ids)} tokens; the model's context of {engine.context_length} tokens "
             "leaves no room for an answer", param="messages")
     max_tokens = min(max_tokens, engine.context_length - len(prompt_ids))
-    logits, cache = engine.prefill(np.asarray(prompt_ids), image_features)
+    logits, cache = engine.prefill(np.asarray(prompt_ids), image_features, reserve=max_tokens)
     logits = logits[:, -1]
     samplers = make_samplers(params, vocab)
     choices = [_Choice(i, IncrementalDetokenizer(tokenizer), StopMatcher(params.stop)) for i in range(params.n)]

@@ -38,6 +38,18 @@ def tiny_package(tiny_checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_package_portable(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The same checkpoint with the traced (onnx-community style) decoder instead of the default fused one."""
+    from edgevlm.export.convert import Progress, export_package
+
+    out = tmp_path_factory.mktemp("packages") / "tiny-smolvlm-portable"
+    with open(os.devnull, "w") as quiet:
+        package, report = export_package(str(tiny_checkpoint), out, decoder_form="portable", progress=Progress(quiet))
+    assert report.ok, "\n".join(report.lines())
+    return package.path
+
+
+@pytest.fixture(scope="session")
 def hf_model(tiny_checkpoint):
     from edgevlm.export.families.idefics3 import load_model
 

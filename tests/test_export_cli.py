@@ -31,16 +31,21 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in errors[0]
 
 
-def test_export_writes_a_verified_package_and_reports_progress(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("form", ["fused", "portable"])
+def test_export_writes_a_verified_package_and_reports_progress(tiny_checkpoint, tmp_path, form):
     out = tmp_path / "pkg"
-    result = run_export(str(tiny_checkpoint), str(out), "--verify-tokens", "8")
+    args = () if form == "fused" else ("--decoder-form", "portable")
+    result = run_export(str(tiny_checkpoint), str(out), "--verify-tokens", "8", *args)
     assert result.returncode == 0, result.stderr
-    for graph in ("vision_encoder", "embed_tokens", "decoder_model_merged"):
-        assert f"{graph}: done" in result.stderr
-        assert (out / f"{graph}.onnx").is_file()
+    decoder = {"fused": ("decoder (fused)", "decoder_model_fused"),
+               "portable": ("decoder_model_merged", "decoder_model_merged")}[form]
+    for step, file in (("vision_encoder", "vision_encoder"), ("embed_tokens", "embed_tokens"), decoder):
+        assert f"{step}: done" in result.stderr
+        assert (out / f"{file}.onnx").is_file()
     assert "greedy 8 tokens with KV cache: identical to transformers.generate" in result.stderr
     assert "FAIL" not in result.stderr
     manifest = json.loads((out / "model.json").read_text())
+    assert manifest["graphs"]["decoder"]["form"] == form
     assert manifest["verification"]["ok"] is True
     assert manifest["verification"]["max_abs_diff"]["decoder prefill logits"] <= 1e-3
 
@@ -76,7 +81,7 @@ def test_unreadable_config_and_missing_weights(tiny_checkpoint, tmp_path):
 def _args(source, out) -> argparse.Namespace:
     return argparse.Namespace(source=str(source), out_dir=str(out), quant="fp32", overwrite=False,
                               no_verify=True, verify_tokens=4, revision=None, vision_quant=None,
-                              embed_quant=None, decoder_quant=None)
+                              embed_quant=None, decoder_quant=None, decoder_form=None)
 
 
 def test_out_of_space_before_export_is_one_clear_line(tiny_checkpoint, tmp_path, monkeypatch, capsys):
@@ -112,23 +117,25 @@ def test_verification_fails_and_exits_non_zero_when_a_graph_is_wrong(tiny_checkp
     assert "does not match transformers" in err
 
 
-def test_large_graphs_keep_their_weights_in_one_external_data_file(tiny_checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("form", ["fused", "portable"])
+def test_large_graphs_keep_their_weights_in_one_external_data_file(tiny_checkpoint, tmp_path, monkeypatch, form):
     """Graphs past the 2 GB protobuf limit are written with external data; the threshold is lowered here."""
     from edgevlm.runtime.engine import Engine
 
     monkeypatch.setattr(convert, "EXTERNAL_DATA_THRESHOLD", 1_000_000)
     with open(os.devnull, "w") as quiet:
         package, report = convert.export_package(str(tiny_checkpoint), tmp_path / "pkg", greedy_tokens=4,
-                                                 progress=convert.Progress(quiet))
+                                                 decoder_form=form, progress=convert.Progress(quiet))
     assert report.ok
+    decoder_file = {"fused": "decoder_model_fused.onnx", "portable": "decoder_model_merged.onnx"}[form]
     decoder = package.graph("decoder")
-    assert decoder["external_data"] == ["decoder_model_merged.onnx_data"]
-    assert (package.path / "decoder_model_merged.onnx").stat().st_size < 1_000_000
-    assert "decoder_model_merged.onnx_data" in package.manifest["files"]
+    assert decoder["file"] == decoder_file
+    assert decoder["external_data"] == [decoder_file + "_data"]
+    assert (package.path / decoder_file).stat().st_size < 1_000_000
+    assert decoder_file + "_data" in package.manifest["files"]
     assert "external_data" not in package.graph("vision_encoder")  # 0.2 MB stays in one file
-    assert sorted(p.name for p in package.path.iterdir() if "onnx" in p.name) == [
-        "decoder_model_merged.onnx", "decoder_model_merged.onnx_data",
-        "embed_tokens.onnx", "embed_tokens.onnx_data", "vision_encoder.onnx"]
+    assert sorted(p.name for p in package.path.iterdir() if "onnx" in p.name) == sorted([
+        decoder_file, decoder_file + "_data", "embed_tokens.onnx", "embed_tokens.onnx_data", "vision_encoder.onnx"])
     Engine(package)  # loads with the weights beside the graphs
 
 
@@ -149,7 +156,8 @@ def test_quantized_export_records_each_graph_and_serves(tiny_checkpoint, tmp_pat
     assert manifest["quantization"] == "int4"
     assert manifest["quantization_plan"] == {"vision_encoder": "fp32", "embed_tokens": "int8", "decoder": "int4"}
     assert package.graph("decoder")["quantization"] == "int4"
-    assert package.graph("decoder")["contrib_ops"] == ["MatMulNBits"]
+    assert "MatMulNBits" in package.graph("decoder")["contrib_ops"]
+    assert package.graph("decoder")["form"] == "fused"  # the default form, quantized
     assert package.graph("embed_tokens")["quantization"] == "int8"
     assert manifest["verification"]["quantization_vs_fp32"]["top1_agreement"] > 0.5
     assert not (out / ".fp32-reference").exists()

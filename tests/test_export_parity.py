@@ -1,4 +1,7 @@
-"""The exported fp32 package computes what transformers computes: logits and greedy tokens with the KV cache."""
+"""The exported fp32 package computes what transformers computes: logits and greedy tokens with the KV cache.
+
+Every check runs on both decoder forms: fused (GroupQueryAttention, in-place KV buffer, last-position logits; the
+default) and portable (the traced graph with onnx-community's interface)."""
 
 from __future__ import annotations
 
@@ -21,9 +24,12 @@ SCENARIOS = {
 }
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_package):
-    return Engine(ModelPackage.load(tiny_package))
+@pytest.fixture(scope="module", params=["fused", "portable"])
+def engine(request):
+    fixture = "tiny_package" if request.param == "fused" else "tiny_package_portable"
+    engine = Engine(ModelPackage.load(request.getfixturevalue(fixture)))
+    assert engine.decoder_form == request.param
+    return engine
 
 
 def _inputs(processor, scenario):
@@ -48,8 +54,9 @@ def test_logits_match_transformers_at_prefill_and_decode_steps(scenario, engine,
 
     reference = hf_model(**inputs, use_cache=True)
     logits, cache = engine.prefill(inputs["input_ids"].numpy(), _features(engine, inputs))
-    assert logits.shape == tuple(reference.logits.shape)
-    assert np.abs(logits - reference.logits.numpy()).max() <= LOGITS_ATOL
+    expected = reference.logits.numpy() if engine.logits_all_positions else reference.logits[:, -1:].numpy()
+    assert logits.shape == expected.shape
+    assert np.abs(logits - expected).max() <= LOGITS_ATOL
 
     past = reference.past_key_values
     length = inputs["input_ids"].shape[1]
@@ -61,15 +68,19 @@ def test_logits_match_transformers_at_prefill_and_decode_steps(scenario, engine,
         logits, cache = engine.decode_step(token, cache)
         assert cache.length == length
         assert np.abs(logits - step.logits.numpy()).max() <= LOGITS_ATOL
+        for layer in (0, len(step.past_key_values.layers) - 1):
+            keys, values = cache.arrays(layer)
+            assert np.abs(keys - step.past_key_values.layers[layer].keys.numpy()).max() <= LOGITS_ATOL
+            assert np.abs(values - step.past_key_values.layers[layer].values.numpy()).max() <= LOGITS_ATOL
         past = step.past_key_values
         token = int(step.logits[0, -1].argmax())
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 @torch.no_grad()
-def test_greedy_32_tokens_identical_to_generate(scenario, engine, hf_model, hf_processor, tiny_package):
+def test_greedy_32_tokens_identical_to_generate(scenario, engine, hf_model, hf_processor):
     inputs = _inputs(hf_processor, scenario)
-    eos_ids = ModelPackage.load(tiny_package).tokens["eos_token_ids"]
+    eos_ids = engine.package.tokens["eos_token_ids"]
     generated = hf_model.generate(**inputs, max_new_tokens=32, do_sample=False, eos_token_id=eos_ids,
                                   pad_token_id=2)
     reference = generated[0, inputs["input_ids"].shape[1]:].tolist()
@@ -102,3 +113,27 @@ def test_decoder_has_a_dynamic_batch(engine, hf_processor):
     assert cache.batch == 2
     assert np.abs(pair[0] - single[0]).max() <= 1e-5
     assert np.abs(pair[1] - reversed_single[0]).max() <= 1e-5
+
+
+def test_fused_cache_grows_in_place_and_survives_reallocation(tiny_package, hf_model, hf_processor):
+    """A fused cache is one buffer per layer, written in place; when a long answer outgrows it, it is reallocated
+    with the old positions kept, and decoding goes on exactly as transformers does."""
+    engine = Engine(ModelPackage.load(tiny_package))
+    inputs = _inputs(hf_processor, "text-only")
+    ids = inputs["input_ids"].numpy()
+    logits, cache = engine.prefill(ids, None)  # no reserve: capacity rounds up to 256 positions
+    assert cache.length == ids.shape[1] and cache.capacity == 256
+    buffer = cache.keys[0]
+    token = int(logits[0, -1].argmax())
+    tokens, steps = [token], 256 - ids.shape[1] + 3  # crosses the end of the first buffer
+    for _ in range(steps):
+        logits, cache = engine.decode_step(token, cache)
+        if cache.capacity == 256:
+            assert cache.keys[0] is buffer  # no copy while it fits
+        token = int(logits[0, -1].argmax())
+        tokens.append(token)
+    assert cache.capacity == 512 and cache.length == ids.shape[1] + steps
+    with torch.no_grad():
+        reference = hf_model.generate(**inputs, max_new_tokens=len(tokens), min_new_tokens=len(tokens),
+                                      do_sample=False, pad_token_id=2)
+    assert tokens == reference[0, ids.shape[1]:].tolist()

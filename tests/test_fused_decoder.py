@@ -7,8 +7,6 @@ so GroupQueryAttention appends in place. Every step's last-position logits must 
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnx
 import pytest
@@ -170,7 +168,6 @@ def test_chunked_continuation_and_separate_past_present(fused, hf_model):
     assert np.abs(logits - out2.logits[:, -1:].numpy()).max() < 1e-3
 
 
-@pytest.mark.skipif(os.environ.get("EDGEVLM_SKIP_INT4") == "1", reason="int4 check disabled")
 def test_int4_quantized_graph_runs_and_tracks_fp32(fused, tmp_path):
     from edgevlm.export.fused_decoder import quantize_fused_decoder_int4
 

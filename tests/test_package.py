@@ -16,18 +16,33 @@ def package_copy(tiny_package, tmp_path):
     return shutil.copytree(tiny_package, tmp_path / "pkg")
 
 
+def test_portable_decoder_has_onnx_communitys_interface(tiny_package_portable, hf_model):
+    decoder = ModelPackage.load(tiny_package_portable).graph("decoder")
+    layers = hf_model.config.text_config.num_hidden_layers
+    assert decoder["file"] == "decoder_model_merged.onnx"
+    assert decoder["form"] == "portable" and decoder["logits"] == "all_positions"
+    assert list(decoder["inputs"])[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
+    assert [n for n in decoder["inputs"] if n.startswith("past_key_values")] == [
+        f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    assert list(decoder["outputs"]) == ["logits"] + [
+        f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
 def test_manifest_describes_the_graphs_tokens_and_checksums(tiny_package, hf_model):
     package = ModelPackage.load(tiny_package)
     manifest = package.manifest
     config = hf_model.config
     assert manifest["family"] == "idefics3"
     assert set(manifest["graphs"]) == {"vision_encoder", "embed_tokens", "decoder"}
-    assert manifest["graphs"]["decoder"]["file"] == "decoder_model_merged.onnx"
     decoder_io = manifest["graphs"]["decoder"]
+    assert decoder_io["file"] == "decoder_model_fused.onnx"
+    assert decoder_io["form"] == "fused" and decoder_io["logits"] == "last_position"
+    assert decoder_io["past_present_share_buffer"] is True
+    assert decoder_io["max_sequence_length"] == config.text_config.max_position_embeddings
     layers = config.text_config.num_hidden_layers
-    assert list(decoder_io["inputs"])[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
-    assert [n for n in decoder_io["inputs"] if n.startswith("past_key_values")] == [
-        f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    assert list(decoder_io["inputs"]) == ["inputs_embeds"] + [
+        f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")] + [
+        "seqlens_k", "total_sequence_length"]
     assert list(decoder_io["outputs"]) == ["logits"] + [
         f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
     assert manifest["graphs"]["vision_encoder"]["inputs"]["pixel_attention_mask"]["dtype"] == "bool"
@@ -40,15 +55,15 @@ def test_manifest_describes_the_graphs_tokens_and_checksums(tiny_package, hf_mod
     assert manifest["verification"]["ok"] is True
     for name, entry in manifest["files"].items():
         assert sha256_file(package.path / name) == entry["sha256"]
-    assert {"tokenizer.json", "chat_template.jinja", "decoder_model_merged.onnx"} <= set(manifest["files"])
+    assert {"tokenizer.json", "chat_template.jinja", "decoder_model_fused.onnx"} <= set(manifest["files"])
 
 
 def test_corrupted_graph_is_refused_with_a_clear_error(package_copy):
-    graph = package_copy / "decoder_model_merged.onnx"
+    graph = package_copy / "decoder_model_fused.onnx"
     data = bytearray(graph.read_bytes())
     data[len(data) // 2] ^= 0xFF
     graph.write_bytes(bytes(data))
-    with pytest.raises(PackageError, match=r"decoder_model_merged\.onnx does not match its sha256"):
+    with pytest.raises(PackageError, match=r"decoder_model_fused\.onnx does not match its sha256"):
         ModelPackage.load(package_copy)
 
 

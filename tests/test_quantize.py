@@ -46,38 +46,38 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 @pytest.fixture(scope="module")
-def quantized(tiny_package, tmp_path_factory):
+def quantized(tiny_package_portable, tmp_path_factory):
     """{(graph, mode): (path, report)} for every graph in every mode."""
     out = tmp_path_factory.mktemp("quantized")
     result = {}
     for mode in MODES:
         folder = out / mode
         for graph, file in GRAPHS.items():
-            report = q.quantize_graph(tiny_package / file, folder / file, mode, graph=graph)
+            report = q.quantize_graph(tiny_package_portable / file, folder / file, mode, graph=graph)
             result[graph, mode] = (folder / file, report)
     return result
 
 
 @pytest.fixture(scope="module")
-def manifest(tiny_package) -> dict:
-    return json.loads((tiny_package / "model.json").read_text())
+def manifest(tiny_package_portable) -> dict:
+    return json.loads((tiny_package_portable / "model.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def inputs(manifest, tiny_package):
+def inputs(manifest, tiny_package_portable):
     """One input per graph, and the fp32 output for it."""
     rng = np.random.default_rng(0)
     side = manifest["vision"]["image_size"]
     text = manifest["text"]
     ids = rng.integers(0, text["vocab_size"] - 200, size=(1, 12)).astype(np.int64)
-    embeds = _session(tiny_package / GRAPHS["embed_tokens"]).run(None, {"input_ids": ids})[0]
+    embeds = _session(tiny_package_portable / GRAPHS["embed_tokens"]).run(None, {"input_ids": ids})[0]
     feeds = {
         "vision_encoder": {"pixel_values": rng.uniform(-1, 1, (1, 2, 3, side, side)).astype(np.float32),
                            "pixel_attention_mask": np.ones((1, 2, side, side), bool)},
         "embed_tokens": {"input_ids": ids},
         "decoder": _decoder_feeds(embeds, text, np.float32),
     }
-    reference = {g: _session(tiny_package / GRAPHS[g]).run(None, feeds[g])[0] for g in GRAPHS}
+    reference = {g: _session(tiny_package_portable / GRAPHS[g]).run(None, feeds[g])[0] for g in GRAPHS}
     return feeds, reference
 
 
@@ -107,9 +107,9 @@ def _ops(path: Path) -> dict[str, int]:
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("graph", list(GRAPHS))
-def test_loads_with_same_io(quantized, tiny_package, graph, mode):
+def test_loads_with_same_io(quantized, tiny_package_portable, graph, mode):
     path, report = quantized[graph, mode]
-    before, after = _session(tiny_package / GRAPHS[graph]), _session(path)
+    before, after = _session(tiny_package_portable / GRAPHS[graph]), _session(path)
     io = lambda s: [(v.name, v.type) for v in s.get_inputs()] + [(v.name, v.type) for v in s.get_outputs()]
     expected = io(before)
     if graph == "decoder" and mode == "fp16":
@@ -121,7 +121,7 @@ def test_loads_with_same_io(quantized, tiny_package, graph, mode):
     assert io(after) == expected
     assert report.files == [path.name]
     assert report.bytes_after == path.stat().st_size
-    assert report.bytes_before == (tiny_package / GRAPHS[graph]).stat().st_size
+    assert report.bytes_before == (tiny_package_portable / GRAPHS[graph]).stat().st_size
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -150,10 +150,10 @@ def _check_all_weight_matmuls_quantized(src: Path, path: Path, report, new_op: s
 
 @pytest.mark.parametrize("mode", ("int8", "int4"))
 @pytest.mark.parametrize("graph", ("vision_encoder", "decoder"))
-def test_every_weight_matmul_is_quantized(quantized, tiny_package, graph, mode):
+def test_every_weight_matmul_is_quantized(quantized, tiny_package_portable, graph, mode):
     path, report = quantized[graph, mode]
     dynamic = graph == "vision_encoder" and mode == "int8"  # vision int8 is quantize_dynamic, the rest MatMulNBits
-    weight_matmuls = _check_all_weight_matmuls_quantized(tiny_package / GRAPHS[graph], path, report,
+    weight_matmuls = _check_all_weight_matmuls_quantized(tiny_package_portable / GRAPHS[graph], path, report,
                                                          "MatMulInteger" if dynamic else "MatMulNBits")
     assert len(weight_matmuls) == (13 if graph == "vision_encoder" else 15)  # 2 layers × 6 or 7 linears + 1
     left = [(item.op_type, item.node) for item in report.left_in_float]
@@ -173,14 +173,14 @@ def test_every_weight_matmul_is_quantized(quantized, tiny_package, graph, mode):
 
 
 @pytest.mark.parametrize("graph", ("vision_encoder", "decoder"))
-def test_int8_methods(tiny_package, tmp_path, inputs, graph):
+def test_int8_methods(tiny_package_portable, tmp_path, inputs, graph):
     """Both int8 methods quantize every weight MatMul of both graphs and stay close to fp32."""
     feeds, reference = inputs
     for method, new_op in (("dynamic", "MatMulInteger"), ("matmulnbits", "MatMulNBits")):
         path = tmp_path / f"{method}.onnx"
-        report = q.quantize_graph(tiny_package / GRAPHS[graph], path, "int8", graph=graph,
+        report = q.quantize_graph(tiny_package_portable / GRAPHS[graph], path, "int8", graph=graph,
                                   options=q.QuantOptions(int8_method=method))
-        _check_all_weight_matmuls_quantized(tiny_package / GRAPHS[graph], path, report, new_op)
+        _check_all_weight_matmuls_quantized(tiny_package_portable / GRAPHS[graph], path, report, new_op)
         out = _session(path).run(None, feeds[graph])[0]
         assert np.abs(out - reference[graph]).max() / np.abs(reference[graph]).max() < BOUNDS[graph, "int8"]
 
@@ -228,11 +228,11 @@ def test_outputs_close_to_fp32(quantized, inputs, graph, mode, record_property):
     assert error <= BOUNDS[graph, mode], f"{graph} {mode}: max|Δ|/max|ref| = {error:.4f}"
 
 
-def test_fp16_decoder_far_positions(quantized, tiny_package, inputs, manifest):
+def test_fp16_decoder_far_positions(quantized, tiny_package_portable, inputs, manifest):
     """Rotary angles at position ~3,000 are computed in float32: float16 cannot even represent the positions."""
     feeds, _ = inputs
     embeds = feeds["decoder"]["inputs_embeds"]
-    reference = _session(tiny_package / GRAPHS["decoder"]).run(
+    reference = _session(tiny_package_portable / GRAPHS["decoder"]).run(
         None, _decoder_feeds(embeds, manifest["text"], np.float32, start=3001))[0]
     path, _ = quantized["decoder", "fp16"]
     out = _session(path).run(None, _decoder_feeds(embeds, manifest["text"], np.float16, start=3001))[0]
@@ -255,19 +255,19 @@ def test_fp16_keeps_norm_statistics_and_rotary_in_fp32(quantized):
     assert {t.data_type for t in matmul_weights} == {TensorProto.FLOAT16}
 
 
-def test_package_plan_runs_in_engine(tiny_package, tmp_path, inputs):
+def test_package_plan_runs_in_engine(tiny_package_portable, tmp_path, inputs):
     """`--quant int4` (decoder int4, vision and embeddings int8) and fp16 packages run through the runtime Engine."""
     from edgevlm.runtime.engine import Engine
     from edgevlm.runtime.package import ModelPackage
 
     assert q.plan_for("int4") == {"vision_encoder": "int8", "embed_tokens": "int8", "decoder": "int4"}
-    reference = Engine(ModelPackage.load(tiny_package), threads=2)
+    reference = Engine(ModelPackage.load(tiny_package_portable), threads=2)
     ids = inputs[0]["embed_tokens"]["input_ids"]
     ref_logits, _ = reference.prefill(ids)
     for quant in ("int4", "fp16"):
         out = tmp_path / quant
-        shutil.copytree(tiny_package, out)
-        reports = q.quantize_package_graphs(tiny_package, out, q.plan_for(quant))
+        shutil.copytree(tiny_package_portable, out)
+        reports = q.quantize_package_graphs(tiny_package_portable, out, q.plan_for(quant))
         manifest = json.loads((out / "model.json").read_text())
         for graph, report in reports.items():
             manifest["graphs"][graph].update(report.manifest_entry())
@@ -318,11 +318,11 @@ def test_gemm_is_rewritten_and_quantized(tmp_path, mode):
     assert np.abs(out[0] - ref[0]).max() / np.abs(ref[0]).max() < (0.02 if mode == "int8" else 0.1)
 
 
-def test_external_data_in_and_out(tiny_package, tmp_path, inputs, monkeypatch):
+def test_external_data_in_and_out(tiny_package_portable, tmp_path, inputs, monkeypatch):
     """A graph with external data quantizes; a result past the size limit gets one `<name>_data` file."""
     src = tmp_path / "in" / GRAPHS["decoder"]
     src.parent.mkdir()
-    model = onnx.load(str(tiny_package / GRAPHS["decoder"]))
+    model = onnx.load(str(tiny_package_portable / GRAPHS["decoder"]))
     onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=src.name + "_data", size_threshold=1024)
     assert (src.parent / (src.name + "_data")).is_file()
@@ -348,12 +348,12 @@ def test_external_data_in_and_out(tiny_package, tmp_path, inputs, monkeypatch):
     assert np.abs(_session(src).run(None, feeds["decoder"])[0] - reference["decoder"]).max() < 1.0
 
 
-def test_errors(tiny_package, tmp_path):
+def test_errors(tiny_package_portable, tmp_path):
     with pytest.raises(q.QuantizationError, match="unknown quantization mode"):
-        q.quantize_graph(tiny_package / GRAPHS["decoder"], tmp_path / "x.onnx", "int3")
+        q.quantize_graph(tiny_package_portable / GRAPHS["decoder"], tmp_path / "x.onnx", "int3")
     with pytest.raises(q.QuantizationError, match="unknown quantization"):
         q.plan_for("nf4")
     with pytest.raises(q.QuantizationError, match="no such graph"):
         q.quantize_graph(tmp_path / "missing.onnx", tmp_path / "x.onnx", "int8")
     with pytest.raises(q.QuantizationError, match="does not have"):
-        q.quantize_package_graphs(tiny_package, tmp_path / "out", {"audio_encoder": "int8"})
+        q.quantize_package_graphs(tiny_package_portable, tmp_path / "out", {"audio_encoder": "int8"})
