@@ -137,3 +137,26 @@ def test_fused_cache_grows_in_place_and_survives_reallocation(tiny_package, hf_m
         reference = hf_model.generate(**inputs, max_new_tokens=len(tokens), min_new_tokens=len(tokens),
                                       do_sample=False, pad_token_id=2)
     assert tokens == reference[0, ids.shape[1]:].tolist()
+
+
+def test_fused_decoder_matches_the_portable_graph(tiny_package, tiny_package_portable, hf_processor):
+    """The fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization, packed QKV and gate/up) against the
+    unfused traced graph on the same spliced prompt with an image, then decode steps: same logits and KV cache."""
+    fused = Engine(ModelPackage.load(tiny_package))
+    portable = Engine(ModelPackage.load(tiny_package_portable))
+    inputs = _inputs(hf_processor, "one-image")
+    ids = inputs["input_ids"].numpy()
+    features = _features(portable, inputs)
+    assert np.array_equal(features, _features(fused, inputs))  # the same vision graph in both packages
+    (fused_logits, fused_cache), (portable_logits, portable_cache) = (
+        engine.prefill(ids, features) for engine in (fused, portable))
+    assert np.abs(fused_logits[:, -1] - portable_logits[:, -1]).max() <= 1e-4
+    token = int(portable_logits[0, -1].argmax())
+    for _ in range(3):
+        fused_logits, fused_cache = fused.decode_step(token, fused_cache)
+        portable_logits, portable_cache = portable.decode_step(token, portable_cache)
+        assert np.abs(fused_logits - portable_logits).max() <= 1e-4
+        token = int(portable_logits[0, -1].argmax())
+    for layer in range(fused.num_layers):
+        for a, b in zip(fused_cache.arrays(layer), portable_cache.arrays(layer)):
+            assert a.shape == b.shape and np.abs(a - b).max() <= 1e-4

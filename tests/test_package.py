@@ -99,3 +99,13 @@ def test_not_a_package(tmp_path):
     (tmp_path / "model.json").write_text("{not json")
     with pytest.raises(PackageError, match="not readable JSON"):
         ModelPackage.load(tmp_path)
+
+
+def test_fused_float32_decoder_is_refused_on_cuda_with_a_clear_error(tiny_package, monkeypatch):
+    """onnxruntime's CUDA GroupQueryAttention is fp16-only: a fused fp32 package on a GPU would silently run its
+    attention on the CPU, so the engine says what to export instead (the CUDA provider is faked here)."""
+    from edgevlm.runtime import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_providers", lambda device: ["CPUExecutionProvider"])
+    with pytest.raises(PackageError, match=r"fused float32 decoder is built for CPUs.*--quant fp16"):
+        engine_module.Engine(ModelPackage.load(tiny_package), device="cuda")
