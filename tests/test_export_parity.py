@@ -124,6 +124,8 @@ def test_fused_cache_grows_in_place_and_survives_reallocation(tiny_package, hf_m
     logits, cache = engine.prefill(ids, None)  # no reserve: capacity rounds up to 256 positions
     assert cache.length == ids.shape[1] and cache.capacity == 256
     buffer = cache.keys[0]
+    first = logits
+    kept = first.copy()
     token = int(logits[0, -1].argmax())
     tokens, steps = [token], 256 - ids.shape[1] + 3  # crosses the end of the first buffer
     for _ in range(steps):
@@ -133,6 +135,7 @@ def test_fused_cache_grows_in_place_and_survives_reallocation(tiny_package, hf_m
         token = int(logits[0, -1].argmax())
         tokens.append(token)
     assert cache.capacity == 512 and cache.length == ids.shape[1] + steps
+    assert np.array_equal(first, kept)  # returned logits are the caller's: later steps do not overwrite them
     with torch.no_grad():
         reference = hf_model.generate(**inputs, max_new_tokens=len(tokens), min_new_tokens=len(tokens),
                                       do_sample=False, pad_token_id=2)
