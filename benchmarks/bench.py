@@ -360,9 +360,11 @@ def main() -> int:
     import torch
     import transformers
 
-    header = (f"# Benchmark results\n\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} "
-              f"cores, Python {platform.python_version()}; onnxruntime {onnxruntime.__version__}, torch "
-              f"{torch.__version__}, transformers {transformers.__version__}, numpy {numpy.__version__}. "
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
+    header = (f"# Benchmark results\n\nMachine: {cpu or platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores, Python {platform.python_version()}; onnxruntime {onnxruntime.__version__}, "
+              f"torch {torch.__version__}, transformers {transformers.__version__}, numpy {numpy.__version__}. "
               f"Checkpoint: {checkpoint.name}. Medians of {args.repeats} runs after a "
               f"warm-up; decode over {args.decode_tokens} tokens; ratios are against transformers eager fp32 "
               "measured in the same run (higher is better for tok/s, lower for seconds and MB).\n\n"

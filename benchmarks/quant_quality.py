@@ -5,10 +5,11 @@
 
 Over a fixed prompt set — chat prompts without images, and with one image (one tile, `detail: low`) — the next-token
 logits at each prompt's last 32 positions (teacher-forced) are compared with the fp32 package's: max |Δ| (absolute
-and relative to the largest fp32 logit), top-1 agreement, mean KL(fp32 ‖ quantized) in nats. Then a 24-token greedy
-answer (at most 24 tokens, ending at EOS) to each prompt: the share of prompts whose answer is identical to fp32's,
-and the mean length of the common prefix against the mean length of fp32's answers. Random weights have near-flat logits that flip their argmax easily; run it on trained weights (e.g. a
-checkpoint whose text model carries SmolLM2-135M-Instruct's real weights) to judge the quantization.
+and relative to the largest fp32 logit), top-1 agreement, mean KL(fp32 ‖ quantized) in nats. Then a greedy answer
+(at most 24 tokens, ending at EOS) to each prompt: the share of prompts whose answer is identical to fp32's, and the
+mean length of the common prefix against the mean length of fp32's answers. Random weights have near-flat logits
+that flip their argmax easily; run it on trained weights (e.g. a checkpoint whose text model carries
+SmolLM2-135M-Instruct's real weights) to judge the quantization.
 """
 
 from __future__ import annotations

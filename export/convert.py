@@ -401,9 +401,9 @@ def main(args) -> int:
         graph_quant = {"vision_encoder": args.vision_quant, "embed_tokens": args.embed_quant,
                        "decoder": args.decoder_quant}
         package, report = export_package(args.source, args.out_dir, quant=args.quant, graph_quant=graph_quant,
-                                         decoder_form=args.decoder_form, overwrite=args.overwrite, verify=not args.no_verify,
-                                         greedy_tokens=args.verify_tokens, revision=args.revision,
-                                         progress=progress)
+                                         decoder_form=args.decoder_form, overwrite=args.overwrite,
+                                         verify=not args.no_verify, greedy_tokens=args.verify_tokens,
+                                         revision=args.revision, progress=progress)
     except ExportError as exc:
         print(f"edgevlm export: error: {exc}", file=sys.stderr)
         return 2
