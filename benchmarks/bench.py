@@ -50,20 +50,22 @@ def _median_time(fn, repeats: int, setup=None) -> float:
     return statistics.median(times)
 
 
+def _status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status, in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def _rss_mb() -> float:
     """This process's resident set now (VmRSS)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    return _status_mb("VmRSS")
 
 
 def _peak_rss_mb() -> float:
     """This process's resident-set high-water mark (VmHWM; ru_maxrss would carry the parent's across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return _status_mb("VmHWM")
 
 
 def _text_ids(tokenizer_encode, length: int) -> list[int]:

@@ -250,16 +250,3 @@ def build_fused_decoder(model, out_path, *, max_sequence_length: int | None = No
         "quantization": "fp32",
     }
 
-
-def quantize_fused_decoder_int4(in_path, out_path, *, block_size: int = 32, accuracy_level: int = 4) -> None:
-    """MatMul → MatMulNBits (4-bit, symmetric blocks of `block_size`) on a built fused graph.
-
-    accuracy_level 4 lets the CPU kernel quantise activations to int8 and use integer dot products, which is what
-    makes int4 decode faster than fp32 on AVX2 machines, not only smaller.
-    """
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    model = onnx.load(str(in_path))
-    quantizer = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level)
-    quantizer.process()
-    onnx.save_model(quantizer.model.model, str(out_path))

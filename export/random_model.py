@@ -47,6 +47,31 @@ class TinyDims:
     longest_edge_tiles: int = 4
 
 
+def shrink_config(config_dict: dict, dims: TinyDims) -> None:
+    """Set an Idefics3 config dict's vision and text widths, depths and tile size to `dims`, in place."""
+    vision, text = config_dict["vision_config"], config_dict["text_config"]
+    vision.update(
+        hidden_size=dims.vision_hidden,
+        num_hidden_layers=dims.vision_layers,
+        num_attention_heads=dims.vision_heads,
+        intermediate_size=dims.vision_intermediate,
+        image_size=dims.image_size,
+        patch_size=dims.patch_size,
+        max_image_size={"longest_edge": dims.image_size},
+        size={"longest_edge": dims.image_size * dims.longest_edge_tiles},
+    )
+    text.update(
+        hidden_size=dims.text_hidden,
+        num_hidden_layers=dims.text_layers,
+        num_attention_heads=dims.text_heads,
+        num_key_value_heads=dims.text_kv_heads,
+        head_dim=dims.text_hidden // dims.text_heads,
+        intermediate_size=dims.text_intermediate,
+        max_position_embeddings=dims.max_positions,
+    )
+    config_dict["scale_factor"] = dims.scale_factor
+
+
 def build_random_idefics3(card_dir: str | Path, out_dir: str | Path, *, dims: TinyDims | None = None,
                           seed: int = 0) -> Path:
     """Write a random-weight Idefics3ForConditionalGeneration checkpoint to `out_dir`.
@@ -64,27 +89,7 @@ def build_random_idefics3(card_dir: str | Path, out_dir: str | Path, *, dims: Ti
     processor = json.loads((card_dir / "processor_config.json").read_text())
 
     if dims is not None:
-        vision, text = config_dict["vision_config"], config_dict["text_config"]
-        vision.update(
-            hidden_size=dims.vision_hidden,
-            num_hidden_layers=dims.vision_layers,
-            num_attention_heads=dims.vision_heads,
-            intermediate_size=dims.vision_intermediate,
-            image_size=dims.image_size,
-            patch_size=dims.patch_size,
-            max_image_size={"longest_edge": dims.image_size},
-            size={"longest_edge": dims.image_size * dims.longest_edge_tiles},
-        )
-        text.update(
-            hidden_size=dims.text_hidden,
-            num_hidden_layers=dims.text_layers,
-            num_attention_heads=dims.text_heads,
-            num_key_value_heads=dims.text_kv_heads,
-            head_dim=dims.text_hidden // dims.text_heads,
-            intermediate_size=dims.text_intermediate,
-            max_position_embeddings=dims.max_positions,
-        )
-        config_dict["scale_factor"] = dims.scale_factor
+        shrink_config(config_dict, dims)
         preprocessor["max_image_size"] = {"longest_edge": dims.image_size}
         preprocessor["size"] = {"longest_edge": dims.image_size * dims.longest_edge_tiles}
         processor["image_seq_len"] = (dims.image_size // dims.patch_size) ** 2 // dims.scale_factor**2

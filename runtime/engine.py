@@ -122,15 +122,19 @@ class Engine:
             except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
                 raise PackageError(f"model package {package.path}: cannot load the {graph} graph: {exc}") from None
 
-        decoder_entry = package.graph("decoder")
-        if device == "cuda" and decoder_entry.get("form") == "fused" and decoder_entry.get("kv_dtype") == "float32":
+        decoder = package.graph("decoder")
+        self._kv_dtype = np.dtype(decoder.get("kv_dtype", "float32"))
+        self.decoder_form = decoder.get("form", "portable")
+        if self.decoder_form not in ("portable", "fused"):
+            raise PackageError(f"model package {package.path}: unknown decoder form {self.decoder_form!r}")
+        if device == "cuda" and self.decoder_form == "fused" and self._kv_dtype == np.float32:
             # onnxruntime's CUDA GroupQueryAttention takes fp16/bf16 only: a float32 fused decoder would run its
             # attention on the CPU, copying every layer's activations across the bus each step.
             raise PackageError(
                 f"model package {package.path}: its fused float32 decoder is built for CPUs; for a GPU export with "
                 "--quant fp16 (portable decoder, float16 KV cache)")
         # Run option for the last run of a memory-hungry phase (an image's tiles, a long prefill): the CPU arena
-        # returns the chunks that phase grew and no longer uses, so the vision encoder's activations (~300 MB a
+        # returns the chunks that phase grew and no longer uses, so the vision encoder's activations (~190 MB a
         # tile at SmolVLM-256M size) and the prefill's are not held on top of each other for the process's life.
         self._shrink_arena = ort.RunOptions()
         self._shrink_arena.add_run_config_entry("memory.enable_memory_arena_shrinkage",
@@ -144,11 +148,6 @@ class Engine:
         self.head_dim = text["head_dim"]
         self.context_length = text["context_length"]
         self.image_token_id = package.tokens["image_token_id"]
-        decoder = package.graph("decoder")
-        self._kv_dtype = np.dtype(decoder.get("kv_dtype", "float32"))
-        self.decoder_form = decoder.get("form", "portable")
-        if self.decoder_form not in ("portable", "fused"):
-            raise PackageError(f"model package {package.path}: unknown decoder form {self.decoder_form!r}")
         # The fused graph's rotary tables have max_sequence_length rows: its KV buffers can hold no more.
         self.max_kv_length = min(self.context_length, int(decoder.get("max_sequence_length", self.context_length)))
 

@@ -169,11 +169,11 @@ def test_chunked_continuation_and_separate_past_present(fused, hf_model):
 
 
 def test_int4_quantized_graph_runs_and_tracks_fp32(fused, tmp_path):
-    from edgevlm.export.fused_decoder import quantize_fused_decoder_int4
+    from edgevlm.export.quantize import quantize_graph
 
     path, description, session = fused
     int4_path = tmp_path / "decoder_fused_int4.onnx"
-    quantize_fused_decoder_int4(path, int4_path)
+    quantize_graph(path, int4_path, "int4", graph="decoder")
     ops = [n.op_type for n in onnx.load(str(int4_path)).graph.node]
     assert "MatMulNBits" in ops and "MatMul" not in ops
     options = ort.SessionOptions()

@@ -31,6 +31,8 @@ from torch import nn
 
 from edgevlm.runtime.preprocess.idefics3 import Idefics3ImageConfig, preprocess
 
+from ..random_model import TinyDims, shrink_config
+
 from . import data as D
 from .tokenizer import FIXTURE, token_ids, train_tokenizer, write_tokenizer_files
 
@@ -52,12 +54,15 @@ PREPROCESSOR = {
 }
 
 
-@dataclass
-class Dims:
+@dataclass(frozen=True)
+class Dims(TinyDims):
+    """The demo model's widths: one 96 px tile (no splitting), 16 image tokens."""
+
     vision_hidden: int = 128
     vision_layers: int = 4
     vision_heads: int = 4
     vision_intermediate: int = 384
+    image_size: int = D.TILE
     patch_size: int = 8
     scale_factor: int = 3  # 12×12 patches → 16 image tokens
     text_hidden: int = 192
@@ -66,6 +71,7 @@ class Dims:
     text_kv_heads: int = 2
     text_intermediate: int = 512
     max_positions: int = 512
+    longest_edge_tiles: int = 1
 
 
 @dataclass
@@ -95,19 +101,12 @@ QTYPE_WEIGHTS = {"shape": 1.0, "colour": 0.7, "colour_of_shape": 1.3, "count": 1
 
 def model_config(ids: dict, dims: Dims) -> dict:
     cfg = json.loads((FIXTURE / "config.json").read_text())
-    vision, text = cfg["vision_config"], cfg["text_config"]
-    vision.update(hidden_size=dims.vision_hidden, num_hidden_layers=dims.vision_layers,
-                  num_attention_heads=dims.vision_heads, intermediate_size=dims.vision_intermediate,
-                  image_size=D.TILE, patch_size=dims.patch_size, max_image_size={"longest_edge": D.TILE},
-                  size={"longest_edge": D.TILE})
-    text.update(hidden_size=dims.text_hidden, num_hidden_layers=dims.text_layers,
-                num_attention_heads=dims.text_heads, num_key_value_heads=dims.text_kv_heads,
-                head_dim=dims.text_hidden // dims.text_heads, intermediate_size=dims.text_intermediate,
-                max_position_embeddings=dims.max_positions, vocab_size=ids["vocab_size"],
-                bos_token_id=ids["bos"], eos_token_id=ids["im_end"], pad_token_id=ids["im_end"],
-                torch_dtype="float32")
+    shrink_config(cfg, dims)
+    text = cfg["text_config"]
+    text.update(vocab_size=ids["vocab_size"], bos_token_id=ids["bos"], eos_token_id=ids["im_end"],
+                pad_token_id=ids["im_end"], torch_dtype="float32")
     text.pop("_flash_attn_2_enabled", None)
-    cfg.update(scale_factor=dims.scale_factor, image_token_id=ids["image"], vocab_size=ids["vocab_size"],
+    cfg.update(image_token_id=ids["image"], vocab_size=ids["vocab_size"],
                torch_dtype="float32", pad_token_id=ids["im_end"])
     return cfg
 
