@@ -51,7 +51,8 @@ class Progress:
         print(f"[{time.perf_counter() - self.start:7.1f}s] {message}", file=self.stream, flush=True)
 
 
-def _read_config(source: str, hub_kwargs: dict) -> dict:
+def _read_config(source: str, hub_kwargs: dict) -> tuple[dict, str]:
+    """config.json of a local folder or hub id → (config, what to load the checkpoint from)."""
     path = Path(source)
     if path.exists():
         if not path.is_dir():
@@ -60,18 +61,37 @@ def _read_config(source: str, hub_kwargs: dict) -> dict:
         if not config_path.is_file():
             raise ExportError(f"{source} has no config.json: not a Hugging Face checkpoint folder")
         try:
-            return json.loads(config_path.read_text(encoding="utf-8"))
+            return json.loads(config_path.read_text(encoding="utf-8")), source
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ExportError(f"{config_path} is not readable JSON ({exc})") from None
     looks_like_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
     if not looks_like_hub_id:
         raise ExportError(f"checkpoint not found: {source} (a local folder or a Hugging Face hub id like org/name)")
-    try:
-        from huggingface_hub import hf_hub_download
+    import requests
+    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-        config_file = hf_hub_download(source, "config.json", **hub_kwargs)
-        return json.loads(Path(config_file).read_text(encoding="utf-8"))
-    except Exception as exc:  # offline, unknown repo, gated repo: all one message for the user
+    try:
+        if not constants.HF_HUB_OFFLINE:
+            try:
+                # hf_hub_download retries an unreachable hub five times with backoff (~24 s) before it gives up:
+                # one request without retries finds out first.
+                HfApi().model_info(source, timeout=constants.HF_HUB_ETAG_TIMEOUT, **hub_kwargs)
+            except (requests.ConnectionError, requests.Timeout):
+                pass
+            else:
+                config_file = hf_hub_download(source, "config.json", **hub_kwargs)
+                return json.loads(Path(config_file).read_text(encoding="utf-8")), source
+        # Offline or unreachable: a copy in the local cache still exports, loaded as a local folder (transformers'
+        # AutoProcessor drops local_files_only and would retry the hub for each of its files).
+        return _read_config(snapshot_download(source, local_files_only=True, **hub_kwargs), {})
+    except LocalEntryNotFoundError:
+        why = "offline (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else f"unreachable ({constants.ENDPOINT})"
+        raise ExportError(f"checkpoint not found: {source} is neither a local folder nor in the local Hugging "
+                          f"Face cache, and the Hugging Face hub is {why}") from None
+    except ExportError:
+        raise
+    except Exception as exc:  # unknown repo, gated repo: all one message for the user
         raise ExportError(
             f"checkpoint not found: {source} is not a local folder, and fetching it from the Hugging Face hub "
             f"failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
@@ -267,14 +287,14 @@ def export_package(source: str, out_dir: str | Path, *, quant: str = "fp32", gra
                           "(or another --decoder-quant)")
     out_dir = Path(out_dir)
     hub_kwargs = {"revision": revision} if revision else {}
-    config = _read_config(source, hub_kwargs)
+    config, load_from = _read_config(source, hub_kwargs)
     family = _family_for(config)
     _prepare_output(out_dir, overwrite)
 
     progress(f"loading {source} ({family.FAMILY})")
     try:
-        model = family.load_model(source, **hub_kwargs)
-        processor = family.load_processor(source, **hub_kwargs)
+        model = family.load_model(load_from, **hub_kwargs)
+        processor = family.load_processor(load_from, **hub_kwargs)
     except (OSError, ValueError) as exc:
         raise ExportError(f"cannot load the checkpoint {source}: {str(exc).splitlines()[0]}") from None
     params = sum(p.numel() for p in model.parameters())

@@ -38,12 +38,25 @@ def _add_export(subparsers) -> None:
 
 
 def _run_export(args) -> int:
-    try:
-        from edgevlm.export.convert import main
-    except ImportError as exc:
-        print(f"edgevlm export: error: the exporter needs torch, transformers, optimum and onnx ({exc.name} is "
-              "missing): pip install 'edgevlm[export]'", file=sys.stderr)
+    from importlib.util import find_spec
+
+    # export/convert.py imports the export stack inside the functions that use it, so importing convert succeeds
+    # in a runtime-only install and torch would go missing halfway through, as a traceback: check the extra first.
+    missing = []
+    for module, dist in (("torch", "torch"), ("transformers", "transformers"), ("optimum", "optimum"),
+                         ("optimum.exporters.onnx", "optimum-onnx"), ("onnx", "onnx")):
+        try:
+            found = find_spec(module) is not None
+        except ImportError:  # the parent package is missing (optimum, for optimum.exporters.onnx)
+            found = False
+        if not found:
+            missing.append(dist)
+    if missing:
+        print(f"edgevlm export: error: the exporter needs torch, transformers, optimum, optimum-onnx and onnx "
+              f"({', '.join(missing)} missing): pip install 'edgevlm[export]'", file=sys.stderr)
         return 2
+    from edgevlm.export.convert import main
+
     return main(args)
 
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,47 @@ def test_missing_checkpoint_and_unreachable_hub_id(tmp_path):
     assert_one_line_error(run_export(str(tmp_path / "no-such-folder"), str(tmp_path / "out")),
                           "checkpoint not found")
     assert_one_line_error(run_export("edgevlm-tests/no-such-model", str(tmp_path / "out")),
-                          "checkpoint not found", "Hugging Face hub")
+                          "checkpoint not found", "Hugging Face hub", "HF_HUB_OFFLINE is set")
+
+
+def _network_namespaces_work() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(["unshare", "-n", "true"]).returncode == 0
+
+
+@pytest.mark.skipif(not _network_namespaces_work(), reason="needs `unshare -n` (root on Linux) to cut the network")
+def test_unreachable_hub_fails_at_once_without_retries(tmp_path):
+    """Not offline by setting, but no network: one attempt, not huggingface_hub's five retries (~24 s)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "hf-home")  # an empty cache
+    start = time.monotonic()
+    # A network namespace of its own has no interfaces up: no connection can leave this process.
+    result = subprocess.run(["unshare", "-n", sys.executable, "-m", "edgevlm.runtime.cli", "export",
+                             "edgevlm-tests/no-such-model", str(tmp_path / "out")],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert time.monotonic() - start < 10, result.stderr
+    assert_one_line_error(result, "checkpoint not found", "Hugging Face hub", "unreachable")
+    assert "Retrying" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+# What a runtime-only install (`pip install -e .`, no [export] extra) looks like to Python: a None in sys.modules
+# makes `import torch` raise ModuleNotFoundError and importlib.util.find_spec answer None, as for a missing module.
+RUNTIME_ONLY = """
+import sys
+for name in ("torch", "transformers", "optimum", "onnx"):
+    sys.modules[name] = None
+from edgevlm.runtime.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_runtime_only_install_names_the_export_extra(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-c", RUNTIME_ONLY, "export", str(tiny_checkpoint), str(out)],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert_one_line_error(result, "torch", "pip install 'edgevlm[export]'")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert not out.exists()
 
 
 def test_unreadable_config_and_missing_weights(tiny_checkpoint, tmp_path):
