@@ -9,13 +9,20 @@ last one for a fused decoder) plus the grown cache.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
 
+import edgevlm
+
 from .errors import ContextLengthError, InvalidRequestError, PackageError
 from .package import ModelPackage
+
+if edgevlm.ORT_TELEMETRY_MAY_BE_ON:
+    warnings.warn("onnxruntime was imported before edgevlm without ORT_DISABLE_TELEMETRY=1: its telemetry may "
+                  "contact the network; set ORT_DISABLE_TELEMETRY=1 before importing onnxruntime", stacklevel=2)
 
 
 @dataclass
@@ -150,6 +157,8 @@ class Engine:
         self.image_token_id = package.tokens["image_token_id"]
         # The fused graph's rotary tables have max_sequence_length rows: its KV buffers can hold no more.
         self.max_kv_length = min(self.context_length, int(decoder.get("max_sequence_length", self.context_length)))
+        # Keys and values of every layer for one position of one sequence: what a request's KV cache costs.
+        self.kv_bytes_per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * self._kv_dtype.itemsize
 
     def warm_up(self) -> None:
         """One decoder step at load, so the first request does not pay for first-run allocations (~0.1 s at
