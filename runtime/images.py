@@ -11,8 +11,10 @@ composited over opaque white, exactly the way the Idefics3/SmolVLM processor's o
 of dropping the alpha channel and showing whatever colour hides under transparent pixels.
 
 Limits are checked before the work they guard: the encoded size before base64 decoding, the pixel count from the
-header (``Image.open`` is lazy) before any pixel data is decompressed. Every failure is an ``ImageError`` whose
-message names the image by its 1-based position in the request.
+header (``Image.open`` is lazy) before any pixel data is decompressed, the request's total pixels before each
+image is decoded. Images are decoded one at a time (`iter_images`), so a request holds one full-size image at once;
+compositing transparency works in bands of rows, so it adds little to the decoded image itself. Every failure is an
+``ImageError`` whose message names the image by its 1-based position in the request.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ import binascii
 import io
 import re
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 
 from PIL import Image, ImageOps
 
 from .errors import ImageError
+from .limits import ImageLimits
 
-__all__ = ["ImageLimits", "check_image_count", "decode_image", "decode_images", "to_rgb"]
+__all__ = ["ImageLimits", "check_image_count", "decode_image", "decode_images", "iter_images", "to_rgb"]
 
 # The formats we let Pillow try, by its plugin names: nothing else is even parsed (no EPS/Ghostscript, no TIFF...).
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
@@ -41,20 +43,6 @@ _PARAM = "messages"
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 _URL_SAFE = str.maketrans("-_", "+/")
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    """Per-request image limits. Sizes in bytes and pixels; MB and MP in messages are powers of ten."""
-
-    max_bytes: int = 20_000_000  # encoded (file) size of one image, after base64 decoding
-    max_pixels: int = 40_000_000  # width * height of one image
-    max_images: int = 16  # images in one request
-
-    def __post_init__(self):
-        for name in ("max_bytes", "max_pixels", "max_images"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ImageLimits.{name} must be at least 1")
 
 
 def _error(index: int, what: str) -> ImageError:
@@ -114,19 +102,37 @@ def _bomb_message(exc: Exception) -> str:
     return f"{_millions(int(m.group(1)), up=True)} MP" if m else "image size"
 
 
+_BAND_PIXELS = 1 << 20  # pixels composited at once: ~4 MB of RGBA temporaries whatever the image's size
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB the way Hugging Face does it: ``convert("RGB")``, except that transparency is composited over white."""
+    """RGB the way Hugging Face does it: ``convert("RGB")``, except that transparency is composited over white.
+
+    The composite is computed band by band: each pixel's arithmetic is the processor's (``alpha_composite`` of the
+    RGBA pixel over opaque white, then RGB), but a 36 MP RGBA image needs one RGB result beside it instead of three
+    more full-size RGBA copies (~430 MB).
+    """
     if image.mode == "RGB":
         return image
-    if image.mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    if image.mode not in _ALPHA_MODES and "transparency" not in image.info:
+        return image.convert("RGB")
+    rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+    width, height = rgba.size
+    out = Image.new("RGB", rgba.size)
+    rows = max(1, _BAND_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        band = rgba.crop((0, top, width, min(top + rows, height)))
+        background = Image.new("RGBA", band.size, (255, 255, 255))
+        out.paste(Image.alpha_composite(background, band).convert("RGB"), (0, top))
+    return out
 
 
-def decode_image(source: str, index: int = 1, limits: ImageLimits = ImageLimits()) -> Image.Image:
-    """Decode one client image (data URI or bare base64) into an RGB image; `index` (1-based) names it in errors."""
+def decode_image(source: str, index: int = 1, limits: ImageLimits = ImageLimits(), *,
+                 pixels_left: int | None = None) -> Image.Image:
+    """Decode one client image (data URI or bare base64) into an RGB image; `index` (1-based) names it in errors.
+
+    `pixels_left` is what the request's total pixel limit leaves for this image (see `iter_images`).
+    """
     if not isinstance(source, str):
         raise _error(index, f"expected a base64 string, got {type(source).__name__}")
     raw = _b64decode(_payload(source, index), index, limits)
@@ -138,6 +144,9 @@ def decode_image(source: str, index: int = 1, limits: ImageLimits = ImageLimits(
             width, height = image.size
             if width * height > limits.max_pixels:
                 raise _error(index, f"{width}×{height} exceeds the {_millions(limits.max_pixels)} MP limit")
+            if pixels_left is not None and width * height > pixels_left:
+                raise _error(index, f"{width}×{height} takes the request's images past their total limit of "
+                                    f"{_millions(limits.max_request_pixels)} MP")
             image.load()  # first frame of an animation
     except ImageError:
         raise
@@ -156,7 +165,22 @@ def decode_image(source: str, index: int = 1, limits: ImageLimits = ImageLimits(
         raise _error(index, f"unsupported image mode {image.mode!r}") from exc
 
 
-def decode_images(sources: Sequence[str], limits: ImageLimits = ImageLimits()) -> list[Image.Image]:
-    """Decode a request's images in order, after checking their count."""
+def iter_images(sources: Sequence[str], limits: ImageLimits = ImageLimits()) -> Iterator[Image.Image]:
+    """Decode a request's images in order, one at a time, after checking their count.
+
+    Each image is decoded only when the caller asks for the next one, so a caller that reduces each image before
+    asking for the next holds one full-size image at a time. Every header is checked against what the request's
+    total pixel limit leaves before its pixels are decoded.
+    """
     check_image_count(len(sources), limits)
-    return [decode_image(source, i, limits) for i, source in enumerate(sources, 1)]
+    left = limits.max_request_pixels
+    for i, source in enumerate(sources, 1):
+        image = decode_image(source, i, limits, pixels_left=left)
+        left -= image.width * image.height
+        yield image
+        del image  # not held while the next one is decoded
+
+
+def decode_images(sources: Sequence[str], limits: ImageLimits = ImageLimits()) -> list[Image.Image]:
+    """All of a request's images, decoded in order (`iter_images` as a list)."""
+    return list(iter_images(sources, limits))

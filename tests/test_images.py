@@ -188,6 +188,17 @@ def test_rgba_is_composited_over_white_like_idefics3(fmt, kwargs):
     np.testing.assert_array_equal(out[0, 1], stored[0, 1, :3])
 
 
+def test_compositing_in_bands_matches_idefics3_on_every_row(monkeypatch):
+    """A large image is composited a band of rows at a time; band edges must not change a pixel."""
+    import edgevlm.runtime.images as images
+
+    monkeypatch.setattr(images, "_BAND_PIXELS", 3 * 13 + 5)  # bands of 3 rows, the last one shorter
+    rgba = noise(22, 13, 4)
+    data = encode(Image.fromarray(rgba, "RGBA"), "PNG")
+    expected = idefics3_convert_to_rgb(np.asarray(Image.open(io.BytesIO(data))), input_data_format="channels_last")
+    np.testing.assert_array_equal(decoded(data), expected)
+
+
 def test_la_is_composited_over_white():
     la = noise(9, 11, 2)
     data = encode(Image.fromarray(la, "LA"), "PNG")

@@ -19,7 +19,7 @@ from transformers import Idefics3ImageProcessor
 
 from edgevlm.runtime.errors import PackageError
 from edgevlm.runtime.images import to_rgb
-from edgevlm.runtime.preprocess.idefics3 import Idefics3ImageConfig, Idefics3Images, preprocess, tile_grid
+from edgevlm.runtime.preprocess.idefics3 import Idefics3ImageConfig, Idefics3Images, fit, preprocess, tile_grid
 
 CARD = Path(__file__).parent / "fixtures" / "smolvlm-256m-instruct" / "preprocessor_config.json"
 REAL = json.loads(CARD.read_text())
@@ -65,6 +65,10 @@ def check(processor: Idefics3ImageProcessor, config: Idefics3ImageConfig, images
     assert sum(ours.tiles_per_image) == ours.pixel_values.shape[1]
     for image, rows, cols in zip(images, ours.rows, ours.cols):
         assert tile_grid(image.width, image.height, config, do_image_splitting=split) == (rows, cols)
+    # The server's path: each image reduced by `fit` as soon as it is decoded, then processed on its own.
+    one_by_one = [preprocess([fit(image, config)], config, do_image_splitting=split, fitted=True) for image in images]
+    if len({p.pixel_values.shape[-2:] for p in one_by_one}) == 1:  # tiles of one size: nothing to pad apart
+        np.testing.assert_array_equal(np.concatenate([p.pixel_values for p in one_by_one], axis=1), ours.pixel_values)
     return ours
 
 

@@ -30,7 +30,7 @@ from PIL import Image
 from ..errors import PackageError
 from ..images import to_rgb
 
-__all__ = ["Idefics3ImageConfig", "Idefics3Images", "preprocess", "tile_grid"]
+__all__ = ["Idefics3ImageConfig", "Idefics3Images", "fit", "preprocess", "tile_grid"]
 
 MAX_IMAGE_SIZE = 4096  # the processor's absolute cap on the first resize
 
@@ -193,10 +193,19 @@ def _as_rgb_image(image) -> Image.Image:
     return Image.fromarray(array, "RGB")
 
 
+def fit(image, config: Idefics3ImageConfig) -> Image.Image:
+    """Step 1 alone: the RGB image resized to the processor's first size (longest edge ``size["longest_edge"]``).
+
+    The server reduces each image with it as soon as it is decoded, so a request holds one full-size image at a
+    time; `preprocess(..., fitted=True)` then continues from step 2 exactly as it would have.
+    """
+    image = _as_rgb_image(image)
+    return _resize(image, *_first_size(image.height, image.width, config), config.resample)
+
+
 def _tiles(image: Image.Image, config: Idefics3ImageConfig, split: bool) -> tuple[list[np.ndarray], int, int]:
-    """One image's uint8 HxWx3 tiles (global image last) and its (rows, cols)."""
+    """One already `fit` image's uint8 HxWx3 tiles (global image last) and its (rows, cols)."""
     tile, resample = config.tile_size, config.resample
-    image = _resize(image, *_first_size(image.height, image.width, config), resample)
     if not split:
         return [np.asarray(_resize(image, tile, tile, resample))], 0, 0
     image = _resize(image, *_to_tile_multiple(image.height, image.width, tile), resample)
@@ -216,11 +225,12 @@ def _tiles(image: Image.Image, config: Idefics3ImageConfig, split: bool) -> tupl
 
 
 def preprocess(
-    images: Sequence, config: Idefics3ImageConfig, *, do_image_splitting: bool | None = None
+    images: Sequence, config: Idefics3ImageConfig, *, do_image_splitting: bool | None = None, fitted: bool = False
 ) -> Idefics3Images:
     """Process one request's images (RGB PIL images or uint8 HxWx3 arrays) into SmolVLM/Idefics3 inputs.
 
-    `do_image_splitting` overrides the config (False for OpenAI ``detail: "low"``: one tile per image).
+    `do_image_splitting` overrides the config (False for OpenAI ``detail: "low"``: one tile per image). `fitted`:
+    the images already went through `fit` (step 1).
     """
     if not images:
         raise ValueError("preprocess needs at least one image")
@@ -229,7 +239,7 @@ def preprocess(
     rows: list[int] = []
     cols: list[int] = []
     for image in images:
-        tiles, r, c = _tiles(_as_rgb_image(image), config, split)
+        tiles, r, c = _tiles(image if fitted else fit(image, config), config, split)
         frames.extend(tiles)
         rows.append(r)
         cols.append(c)

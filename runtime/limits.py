@@ -1,0 +1,48 @@
+"""Every bound on what one client can make the server hold, in one place, with defaults that fit a 4 GB device.
+
+The README's "Limits" table lists them with their `edgevlm serve` flags. Sizes here are bytes and pixels; the
+flags and messages use MB (10^6 bytes) and MP (10^6 pixels). This module imports nothing heavy, so the command
+line can show the defaults without loading the runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+def _check_positive(limits) -> None:
+    for f in fields(limits):
+        value = getattr(limits, f.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not value > 0:
+            raise ValueError(f"{type(limits).__name__}.{f.name} must be positive, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Per-request image limits. A full-size image is decoded one at a time and reduced at once, so the peak of
+    image decoding is about one image at `max_pixels` (4 bytes a pixel with transparency, plus its RGB result)."""
+
+    max_bytes: int = 20_000_000  # encoded (file) size of one image, after base64 decoding
+    max_pixels: int = 40_000_000  # width * height of one image
+    max_images: int = 16  # images in one request
+    max_request_pixels: int = 200_000_000  # width * height summed over a request's images: decoding time
+
+    def __post_init__(self):
+        _check_positive(self)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_queue: int = 16  # requests running or waiting; more get 429
+    max_body_bytes: int = 20_000_000  # one request body (413 past it)
+    max_pending_body_bytes: int = 64_000_000  # bodies of the requests running or waiting, together (429)
+    read_timeout: float = 30.0  # seconds for a request body to arrive (408)
+    write_timeout: float = 30.0  # seconds a write may wait on a client that does not read; then it is dropped
+    shutdown_timeout: float = 10.0  # seconds running requests get to finish after SIGTERM / SIGINT
+    max_n: int = 16  # choices per request
+    max_request_tokens: int | None = None  # n × max_tokens per request; None: the model's context length
+    max_kv_bytes: int = 1_000_000_000  # one request's KV cache, all its choices
+    images: ImageLimits = field(default_factory=ImageLimits)
+
+    def __post_init__(self):
+        _check_positive(self)

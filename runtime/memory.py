@@ -1,0 +1,42 @@
+"""Give freed memory back to the system, so that one request's peak is not what the process keeps.
+
+glibc's malloc keeps freed heap memory for reuse, and raises its mmap threshold to the largest block it has seen
+freed (up to 32 MB): after one large image, the next ones' decoded pixels (Pillow allocates 16 MB blocks) and
+numpy buffers come from the heap and stay resident after they are freed. Measured on `edgevlm serve`: one request
+of 16 images of 6000×6000 took RSS from 104 MB to 2.47 GB and 2.35 GB was still held 30 s later. A fixed
+threshold keeps every large buffer in its own mapping, returned when freed; `release` trims what small
+allocations left in the heap. Both do nothing where the C library is not glibc (musl, macOS).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
+MMAP_THRESHOLD = 4 * 1024 * 1024  # buffers at least this large are mapped on their own and unmapped when freed
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim, libc.mallopt  # noqa: B018 - both exist in glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _glibc()
+
+
+def configure() -> bool:
+    """Fix the mmap threshold for this process (call once, early); True where it took effect."""
+    return bool(_LIBC is not None and _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+def release() -> None:
+    """Return the heap's free pages to the system (after a request's images and generation)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
