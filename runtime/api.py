@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import safejson
 from .errors import InvalidRequestError
 from .sampling import SamplingParams
 
@@ -39,6 +40,14 @@ def _flag(body: Mapping, name: str) -> bool:
     if not isinstance(value, bool):
         raise InvalidRequestError(f"Invalid '{name}': expected a boolean, got {value!r}", param=name)
     return value
+
+
+def parse_json(raw: bytes) -> Any:
+    """The request body as Python values; anything that is not plain, sane JSON (`safejson`) is a 400."""
+    try:
+        return safejson.loads(raw)
+    except safejson.UnsafeJSON as exc:
+        raise InvalidRequestError(f"the request body is not usable JSON: {exc}") from None
 
 
 def parse_chat_request(body: Any, *, vocab_size: int, template_supports_tools: bool) -> ChatRequest:
@@ -63,13 +72,16 @@ def parse_chat_request(body: Any, *, vocab_size: int, template_supports_tools: b
 
     response_format = body.get("response_format")
     if response_format is not None:
-        kind = response_format.get("type") if isinstance(response_format, Mapping) else None
+        if not isinstance(response_format, Mapping):
+            raise InvalidRequestError("Invalid 'response_format': expected an object such as {\"type\": \"text\"}, "
+                                      f"got {response_format!r}", param="response_format")
+        kind = response_format.get("type")
         if kind in ("json_object", "json_schema"):
             raise InvalidRequestError(f"response_format {kind!r} is not supported yet: this server produces text "
                                       "only", param="response_format", code="unsupported_parameter")
         if kind != "text":
-            raise InvalidRequestError(f"Invalid 'response_format': expected type 'text', got {response_format!r}",
-                                      param="response_format")
+            raise InvalidRequestError(f"Invalid 'response_format.type': expected 'text', 'json_object' or "
+                                      f"'json_schema', got {kind!r}", param="response_format")
 
     tools = body.get("tools")
     tool_choice = body.get("tool_choice")

@@ -138,27 +138,75 @@ def _run_chat(args) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0 to 65535; 0 picks a free one)")
+    return port
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive {kind.__name__}")
+        return value
+
+    return parse
+
+
 def _add_serve(subparsers) -> None:
+    from .limits import ServerLimits
+
+    config = ServerLimits()
+    images = config.images
     p = subparsers.add_parser("serve", help="serve a model over the OpenAI Chat Completions API",
-                              description="Serve POST /v1/chat/completions (streaming and not), GET /v1/models "
-                                          "and GET /health.")
+                              description="Serve POST /v1/chat/completions (streaming and not), GET /v1/models, "
+                                          "GET /health and GET /openapi.json. Sizes are in MB of 10^6 bytes and "
+                                          "MP of 10^6 pixels; the defaults fit a 4 GB device.")
     p.add_argument("--model", help=f"model package folder (default: the bundled model, {DEFAULT_MODEL})")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (0: any free port, printed at start)")
     p.add_argument("--api-key", default=os.environ.get("EDGEVLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $EDGEVLM_API_KEY; none = open)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--threads", type=int, help="CPU threads for inference (default: all cores)")
-    p.add_argument("--max-queue", type=int, default=16, help="requests running or waiting before 429 (default 16)")
-    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body in MB (default 20)")
-    p.add_argument("--max-images", type=int, default=16, help="images per request (default 16)")
+    p.add_argument("--threads", type=_positive(int), help="CPU threads for inference (default: all cores)")
+    limits = p.add_argument_group("limits", "what one client can make the server hold (README: Limits)")
+    for flag, kind, default, text in (
+        ("--max-queue", int, config.max_queue, "requests running or waiting before 429"),
+        ("--max-body-mb", float, config.max_body_bytes / 1e6, "largest request body, in MB (413 past it)"),
+        ("--max-pending-body-mb", float, config.max_pending_body_bytes / 1e6,
+         "request bodies of all requests running or waiting, in MB (429 past it)"),
+        ("--read-timeout", float, config.read_timeout, "seconds for a request body to arrive (408 past it)"),
+        ("--write-timeout", float, config.write_timeout,
+         "seconds a client may leave the server's writes unread before it is dropped"),
+        ("--shutdown-timeout", float, config.shutdown_timeout,
+         "seconds running requests get to finish after SIGTERM/SIGINT before they are cut"),
+        ("--max-n", int, config.max_n, "choices (n) per request"),
+        ("--max-request-tokens", int, None,
+         "n × max_tokens per request (default: the model's context length)"),
+        ("--max-kv-mb", float, config.max_kv_bytes / 1e6, "KV cache of one request, all choices, in MB"),
+        ("--max-images", int, images.max_images, "images per request"),
+        ("--max-image-mb", float, images.max_bytes / 1e6, "one image's encoded (file) size, in MB"),
+        ("--max-image-mp", float, images.max_pixels / 1e6, "one image's decoded size, in megapixels"),
+        ("--max-request-image-mp", float, images.max_request_pixels / 1e6,
+         "decoded size of a request's images together, in megapixels"),
+    ):
+        shown = "" if default is None else f" (default {default:g})"
+        limits.add_argument(flag, type=_positive(kind), default=default, help=text + shown)
     p.set_defaults(func=_run_serve)
 
 
 def _run_serve(args) -> int:
     import asyncio
 
-    from .images import ImageLimits
+    from .limits import ImageLimits, ServerLimits
     from .package import ModelPackage
     from .server import ServerConfig, serve
 
@@ -168,14 +216,21 @@ def _run_serve(args) -> int:
     except PackageError as exc:
         print(f"edgevlm serve: error: {exc.message}", file=sys.stderr)
         return 2
+    limits = ServerLimits(
+        max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 1e6),
+        max_pending_body_bytes=int(args.max_pending_body_mb * 1e6), read_timeout=args.read_timeout,
+        write_timeout=args.write_timeout, shutdown_timeout=args.shutdown_timeout, max_n=args.max_n,
+        max_request_tokens=args.max_request_tokens, max_kv_bytes=int(args.max_kv_mb * 1e6),
+        images=ImageLimits(max_images=args.max_images, max_bytes=int(args.max_image_mb * 1e6),
+                           max_pixels=int(args.max_image_mp * 1e6),
+                           max_request_pixels=int(args.max_request_image_mp * 1e6)))
     config = ServerConfig(model_path=path, host=args.host, port=args.port, api_key=args.api_key or None,
-                          device=args.device, threads=args.threads, max_queue=args.max_queue,
-                          max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                          image_limits=ImageLimits(max_images=args.max_images))
+                          device=args.device, threads=args.threads, limits=limits)
     try:
         asyncio.run(serve(config))
-    except OSError as exc:
-        print(f"edgevlm serve: error: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+    except OSError as exc:  # the port could not be bound: nothing was loaded, nothing said "ready"
+        print(f"edgevlm serve: error: cannot listen on {args.host}:{args.port}: {os.strerror(exc.errno) if exc.errno else exc}",
+              file=sys.stderr)
         return 2
     return 0
 

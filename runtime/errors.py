@@ -7,6 +7,9 @@ Each stage raises the subclass that says what went wrong; `status`, `type` and `
 from __future__ import annotations
 
 
+MAX_MESSAGE = 1000
+
+
 class EdgeVLMError(Exception):
     """Base class: a message for the user, plus what an HTTP layer needs to report it."""
 
@@ -14,7 +17,11 @@ class EdgeVLMError(Exception):
     type = "server_error"
     code: str | None = None
 
+    headers: dict[str, str] = {}  # extra HTTP headers for the response (Retry-After)
+
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        if len(message) > MAX_MESSAGE:  # messages quote what the client sent: never echo megabytes back
+            message = message[:MAX_MESSAGE] + "…"
         super().__init__(message)
         self.message = message
         self.param = param
@@ -47,3 +54,10 @@ class PackageError(EdgeVLMError):
 
     type = "package_error"
     code = "invalid_model_package"
+
+
+class Cancelled(EdgeVLMError):
+    """The work stopped before it was done: the client went away or the server is shutting down."""
+
+    status = 503
+    code = "cancelled"

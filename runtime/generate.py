@@ -41,7 +41,9 @@ def generate(engine: Engine, tokenizer, prompt_ids: Sequence[int], image_feature
              cancelled: Callable[[], bool] = lambda: False) -> Iterator[Step]:
     """Sample up to `max_tokens` tokens for each of `params.n` choices after the prompt.
 
-    `cancelled` is checked before every decoder step: a client that went away stops the work within one step.
+    `cancelled` is checked before the prefill and before every decoder step: a client that went away stops the
+    work within one step. A cancelled generation simply ends: the choices it cut have no `finish_reason`, which is
+    how the caller tells a cut answer from a finished one.
     """
     vocab = engine.package.text["vocab_size"]
     if len(prompt_ids) >= engine.context_length:
@@ -49,6 +51,8 @@ def generate(engine: Engine, tokenizer, prompt_ids: Sequence[int], image_feature
             f"the prompt is {len(prompt_ids)} tokens; the model's context of {engine.context_length} tokens "
             "leaves no room for an answer", param="messages")
     max_tokens = min(max_tokens, engine.context_length - len(prompt_ids))
+    if cancelled():
+        return
     logits, cache = engine.prefill(np.asarray(prompt_ids), image_features, reserve=max_tokens)
     logits = logits[:, -1]
     samplers = make_samplers(params, vocab)
@@ -58,7 +62,7 @@ def generate(engine: Engine, tokenizer, prompt_ids: Sequence[int], image_feature
         logits = np.repeat(logits, len(choices), axis=0)
     eos = set(eos_token_ids)
 
-    while choices and max_tokens > 0:
+    while choices and max_tokens > 0 and not cancelled():  # checked here too: a long prefill may be cancelled
         running, next_tokens = [], []
         for row, choice in enumerate(choices):
             sample = samplers[choice.index].sample(logits[row])

@@ -38,6 +38,7 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from . import safejson
 from .errors import InvalidRequestError, PackageError
 
 IMAGE_DETAILS = ("auto", "low", "high")
@@ -102,9 +103,9 @@ def _tool_calls(value: Any, param: str) -> list:
         call = dict(call)
         function = call.get("function")
         if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-            try:
-                arguments = json.loads(function["arguments"])
-            except ValueError:
+            try:  # the template renders the arguments again: only plain, sane JSON is unpacked
+                arguments = safejson.loads(function["arguments"])
+            except safejson.UnsafeJSON:
                 arguments = None
             if isinstance(arguments, dict):
                 call["function"] = {**function, "arguments": arguments}

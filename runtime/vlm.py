@@ -14,11 +14,11 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .engine import Engine
-from .errors import ContextLengthError
+from .errors import Cancelled, ContextLengthError
 from .generate import Step, generate
-from .images import ImageLimits, check_image_count, decode_image
+from .images import ImageLimits, check_image_count, iter_images
 from .package import ModelPackage
-from .preprocess.idefics3 import Idefics3ImageConfig, preprocess
+from .preprocess.idefics3 import Idefics3ImageConfig, fit, preprocess, tile_grid
 from .prompt import ChatTemplate, Idefics3PromptLayout, convert_messages, encode_prompt
 from .sampling import SamplingParams
 
@@ -49,6 +49,8 @@ class VisionLanguageModel:
         self.image_config = Idefics3ImageConfig.from_dict(package.image_processor)
         self.image_limits = image_limits
         self.eos_token_ids = tuple(tokens["eos_token_ids"])
+        # The most characters one token stands for (81 for SmolVLM's: a newline and 80 spaces), for `_check_length`.
+        self.max_token_chars = max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
 
     @classmethod
     def load(cls, path: str | Path, **kwargs) -> "VisionLanguageModel":
@@ -58,42 +60,53 @@ class VisionLanguageModel:
     def name(self) -> str:
         return self.package.name
 
-    def prepare(self, messages: Sequence[Mapping], *, tools: Sequence[Mapping] | None = None) -> Prompt:
-        """Validate and render the conversation, decode and encode its images; errors are InvalidRequestError."""
+    def prepare(self, messages: Sequence[Mapping], *, tools: Sequence[Mapping] | None = None,
+                check_prompt: Callable[[int], None] | None = None,
+                cancelled: Callable[[], bool] = lambda: False) -> Prompt:
+        """Validate and render the conversation, decode and encode its images; errors are InvalidRequestError.
+
+        Each check runs before the work it guards: the text's length against the context before it is tokenized,
+        each image's header before its pixels are decoded, the prompt's token count (and `check_prompt`, the
+        caller's own limits, given that count) before the vision encoder runs. Images are decoded and reduced to
+        the processor's first size one at a time, so one full-size image is held at once, then encoded one image
+        at a time; `cancelled` is checked between images.
+        """
         converted = convert_messages(messages, reserved_text=[self.layout.placeholder])
         check_image_count(len(converted.images), self.image_limits)
         text = self.template.render(converted.messages, add_generation_prompt=True, tools=tools)
-        images = [decode_image(ref.url, i, self.image_limits) for i, ref in enumerate(converted.images, 1)]
-        features, grids = None, []
-        if images:
+        self._check_length(text)
+        fitted, grids = [], []
+        for image in iter_images([ref.url for ref in converted.images], self.image_limits):
             # detail "low" asks for one tile per image; "auto" and "high" use the model's splitting.
-            split = [False if ref.detail == "low" else None for ref in converted.images]
-            pixel_values, pixel_mask, grids = self._pixels(images, split)
-            features = self.engine.encode_images(pixel_values, pixel_mask)
+            split = False if converted.images[len(fitted)].detail == "low" else None
+            grids.append(tile_grid(image.width, image.height, self.image_config, do_image_splitting=split))
+            fitted.append((fit(image, self.image_config), split))
+            del image  # the full-size image goes before the next one is decoded
         bos = self.template.special_tokens.get("bos_token")
         input_ids = encode_prompt(self.tokenizer, self.layout.expand(text, grids), bos_token=bos)
         if len(input_ids) >= self.engine.context_length:
             raise ContextLengthError(
                 f"the prompt is {len(input_ids)} tokens; the model's context of {self.engine.context_length} "
                 "tokens leaves no room for an answer", param="messages")
+        if check_prompt is not None:
+            check_prompt(len(input_ids))
+        features = []
+        for image, split in fitted:
+            if cancelled():
+                raise Cancelled("the request was cancelled while its images were encoded")
+            batch = preprocess([image], self.image_config, do_image_splitting=split, fitted=True)
+            features.append(self.engine.encode_images(batch.pixel_values, batch.pixel_attention_mask))
         image_tokens = sum(self.layout.num_image_tokens(rows, cols) for rows, cols in grids)
-        return Prompt(input_ids=input_ids, image_features=features, image_tokens=image_tokens)
+        return Prompt(input_ids=input_ids, image_features=np.concatenate(features) if features else None,
+                      image_tokens=image_tokens)
 
-    def _pixels(self, images, split: list[bool | None]):
-        """Tiles of all images in one batch; images asking for different splitting are processed apart."""
-        if len(set(split)) == 1:
-            batch = preprocess(images, self.image_config, do_image_splitting=split[0])
-            return batch.pixel_values, batch.pixel_attention_mask, list(zip(batch.rows, batch.cols))
-        parts = [preprocess([image], self.image_config, do_image_splitting=s) for image, s in zip(images, split)]
-        height = max(p.pixel_values.shape[-2] for p in parts)
-        width = max(p.pixel_values.shape[-1] for p in parts)
-        values, masks = [], []
-        for p in parts:  # pad each to the largest tile, as the processor pads a batch
-            pad_h, pad_w = height - p.pixel_values.shape[-2], width - p.pixel_values.shape[-1]
-            values.append(np.pad(p.pixel_values, ((0, 0), (0, 0), (0, 0), (0, pad_h), (0, pad_w))))
-            masks.append(np.pad(p.pixel_attention_mask, ((0, 0), (0, 0), (0, pad_h), (0, pad_w))))
-        grids = [(p.rows[0], p.cols[0]) for p in parts]
-        return np.concatenate(values, axis=1), np.concatenate(masks, axis=1), grids
+    def _check_length(self, text: str) -> None:
+        """Refuse, before tokenizing it, a text that cannot fit: no token covers more than `max_token_chars`."""
+        at_least = -(-len(text) // self.max_token_chars)
+        if at_least >= self.engine.context_length:
+            raise ContextLengthError(
+                f"the prompt is {len(text)} characters, at least {at_least} tokens; the model's context is "
+                f"{self.engine.context_length} tokens", param="messages")
 
     def generate(self, prompt: Prompt, params: SamplingParams, *, max_tokens: int | None = None,
                  cancelled: Callable[[], bool] = lambda: False) -> Iterator[Step]:

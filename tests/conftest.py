@@ -97,7 +97,11 @@ class ServerProcess:
 
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=30)
+        return self.wait()
+
+    def wait(self) -> int:
+        """Wait for the process to exit by itself (after a signal the test sent); its exit code."""
+        self.proc.wait(timeout=60)
         self._reader.join(timeout=30)
         return self.proc.returncode
 
