@@ -348,6 +348,8 @@ async def _read_body(request: web.Request, limits: ServerLimits) -> bytes:
         raise _TooLarge(limits.max_body_bytes) from None
     except ConnectionError:  # nobody is left to answer
         raise Cancelled("the client went away before its request arrived") from None
+    except web.RequestPayloadError as exc:  # a Content-Encoding its bytes do not match, a broken chunk
+        raise InvalidRequestError(f"the request body could not be read: {exc}") from None
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
