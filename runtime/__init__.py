@@ -1,1 +1,1 @@
-"""The lean on-device runtime: onnxruntime, numpy, Pillow, tokenizers, aiohttp and jinja2 only."""
+"""The lean on-device runtime: onnxruntime, numpy, Pillow, tokenizers, aiohttp, jinja2 and llguidance only."""

@@ -3,11 +3,12 @@
 Which fields do what (also in the README):
 - honoured: messages, model (echoed), temperature, top_p, n, stream, stream_options.include_usage, stop,
   max_tokens / max_completion_tokens, presence_penalty, frequency_penalty, logit_bias, logprobs, top_logprobs,
-  seed, response_format {"type": "text"}, image_url.detail ("low" = one tile per image).
+  seed, response_format text / json_object / json_schema (constrained decoding, `grammar.py`), image_url.detail
+  ("low" = one tile per image).
 - accepted and ignored: user, metadata, store, service_tier, parallel_tool_calls, and any field this server does
   not know (SDKs send OpenAI's newer fields).
-- refused with a 400: response_format json_object / json_schema (structured output comes later), tools when the
-  model's chat template cannot express them, other content part types (audio, files).
+- refused with a 400: a JSON schema with keywords the grammar cannot enforce, tools when the model's chat template
+  cannot express them, other content part types (audio, files).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from . import safejson
 from .errors import InvalidRequestError
+from .grammar import parse_response_format
 from .sampling import SamplingParams
 
 
@@ -31,6 +33,7 @@ class ChatRequest:
     include_usage: bool
     params: SamplingParams
     tools: list | None
+    schema: dict | None = None  # response_format json_object / json_schema: the JSON Schema the answer follows
 
 
 def _flag(body: Mapping, name: str) -> bool:
@@ -70,18 +73,7 @@ def parse_chat_request(body: Any, *, vocab_size: int, template_supports_tools: b
                                       param="stream_options")
         include_usage = _flag(stream_options, "include_usage")
 
-    response_format = body.get("response_format")
-    if response_format is not None:
-        if not isinstance(response_format, Mapping):
-            raise InvalidRequestError("Invalid 'response_format': expected an object such as {\"type\": \"text\"}, "
-                                      f"got {response_format!r}", param="response_format")
-        kind = response_format.get("type")
-        if kind in ("json_object", "json_schema"):
-            raise InvalidRequestError(f"response_format {kind!r} is not supported yet: this server produces text "
-                                      "only", param="response_format", code="unsupported_parameter")
-        if kind != "text":
-            raise InvalidRequestError(f"Invalid 'response_format.type': expected 'text', 'json_object' or "
-                                      f"'json_schema', got {kind!r}", param="response_format")
+    schema = parse_response_format(body.get("response_format"))
 
     tools = body.get("tools")
     tool_choice = body.get("tool_choice")
@@ -102,7 +94,7 @@ def parse_chat_request(body: Any, *, vocab_size: int, template_supports_tools: b
 
     params = SamplingParams.from_request(body, vocab_size=vocab_size)
     return ChatRequest(messages=messages, model=model, stream=stream, include_usage=include_usage, params=params,
-                       tools=tools)
+                       tools=tools, schema=schema)
 
 
 def completion_id() -> str:

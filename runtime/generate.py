@@ -15,6 +15,7 @@ import numpy as np
 from .detokenize import IncrementalDetokenizer
 from .engine import Engine
 from .errors import ContextLengthError
+from .grammar import Grammar, GrammarState
 from .sampling import Sample, SamplingParams, StopMatcher, make_samplers
 
 
@@ -33,13 +34,17 @@ class _Choice:
     index: int
     detokenizer: IncrementalDetokenizer
     stop: StopMatcher
+    grammar: GrammarState | None = None
     tokens: int = 0
 
 
 def generate(engine: Engine, tokenizer, prompt_ids: Sequence[int], image_features: np.ndarray | None,
              params: SamplingParams, *, max_tokens: int, eos_token_ids: Sequence[int],
-             cancelled: Callable[[], bool] = lambda: False) -> Iterator[Step]:
+             cancelled: Callable[[], bool] = lambda: False, grammar: Grammar | None = None) -> Iterator[Step]:
     """Sample up to `max_tokens` tokens for each of `params.n` choices after the prompt.
+
+    With a `grammar` each choice samples only tokens it allows (EOS only where it accepts), and a choice whose
+    grammar is complete ends at once with "stop", without another decoder step.
 
     `cancelled` is checked before the prefill and before every decoder step: a client that went away stops the
     work within one step. A cancelled generation simply ends: the choices it cut have no `finish_reason`, which is
@@ -56,7 +61,8 @@ def generate(engine: Engine, tokenizer, prompt_ids: Sequence[int], image_feature
     logits, cache = engine.prefill(np.asarray(prompt_ids), image_features, reserve=max_tokens)
     logits = logits[:, -1]
     samplers = make_samplers(params, vocab)
-    choices = [_Choice(i, IncrementalDetokenizer(tokenizer), StopMatcher(params.stop)) for i in range(params.n)]
+    choices = [_Choice(i, IncrementalDetokenizer(tokenizer), StopMatcher(params.stop),
+                       grammar.start() if grammar is not None else None) for i in range(params.n)]
     if len(choices) > 1:
         cache = cache.take([0] * len(choices))
         logits = np.repeat(logits, len(choices), axis=0)
@@ -65,9 +71,13 @@ def generate(engine: Engine, tokenizer, prompt_ids: Sequence[int], image_feature
     while choices and max_tokens > 0 and not cancelled():  # checked here too: a long prefill may be cancelled
         running, next_tokens = [], []
         for row, choice in enumerate(choices):
-            sample = samplers[choice.index].sample(logits[row])
+            state = choice.grammar
+            sample = samplers[choice.index].sample(logits[row], state.apply if state is not None else None)
             choice.tokens += 1
-            text, finish = _advance(choice, sample.token, eos, max_tokens)
+            if state is not None:
+                state.advance(sample.token)
+            text, finish = _advance(choice, sample.token, eos, max_tokens,
+                                    complete=state is not None and state.is_finished())
             yield Step(choice.index, text, sample.token, sample, finish, choice.tokens)
             if finish is None:
                 running.append(row)
@@ -82,14 +92,21 @@ def generate(engine: Engine, tokenizer, prompt_ids: Sequence[int], image_feature
         logits = logits[:, -1]
 
 
-def _advance(choice: _Choice, token: int, eos: set[int], max_tokens: int) -> tuple[str, str | None]:
-    """Feed one token through the detokenizer and stop matcher: (final text, finish reason or None)."""
+def _advance(choice: _Choice, token: int, eos: set[int], max_tokens: int, *, complete: bool = False
+             ) -> tuple[str, str | None]:
+    """Feed one token through the detokenizer and stop matcher: (final text, finish reason or None).
+
+    `complete`: the choice's grammar can take nothing more, so this token ends it ("stop").
+    """
     if token in eos:
         text, stopped = choice.stop.feed(choice.detokenizer.flush())
         return text + ("" if stopped else choice.stop.flush()), "stop"
     text, stopped = choice.stop.feed(choice.detokenizer.add(token))
     if stopped:
         return text, "stop"
+    if complete:
+        tail, stopped = choice.stop.feed(choice.detokenizer.flush())
+        return text + tail + ("" if stopped else choice.stop.flush()), "stop"
     if choice.tokens >= max_tokens:
         tail, stopped = choice.stop.feed(choice.detokenizer.flush())
         return text + tail + ("" if stopped else choice.stop.flush()), "stop" if stopped else "length"

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -386,8 +386,13 @@ class ChoiceSampler:
             return int(ids[categorical(probs[ids], self.rng)])
         return categorical(probs, self.rng)
 
-    def sample(self, logits: np.ndarray) -> Sample:
+    def sample(self, logits: np.ndarray, constrain: Callable[[np.ndarray], None] | None = None) -> Sample:
+        """`constrain` (a grammar's mask) sets the tokens it forbids to −inf on the processed logits, before
+        temperature and top_p: sampling, seeds, penalties and logprobs all work inside it, and logprobs describe
+        the constrained distribution."""
         processed = self.process(logits)
+        if constrain is not None:
+            constrain(processed)
         token = self.choose(processed)
         self.record(token)
         if not self.params.logprobs:

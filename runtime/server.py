@@ -208,6 +208,7 @@ def make_app(config: ServerConfig, *, loader: Callable[[], VisionLanguageModel] 
                 state.fingerprint = _fingerprint(model)
                 state.model = model
                 print(f"edgevlm: model {model.name} ready", flush=True)
+                app[WORKER].submit(lambda: model.grammars)  # next on the worker, before any request's work
             except EdgeVLMError as exc:
                 state.load_error = exc.message
                 print(f"edgevlm: error: {exc.message}", file=sys.stderr, flush=True)
@@ -391,6 +392,8 @@ async def _complete(request: web.Request, model: VisionLanguageModel, chat: api.
         if cancelled():  # it waited behind others while its client left or the server began to stop
             raise _cut(state)
         try:
+            if chat.schema is not None:  # an unenforceable schema is a 400 before any image is decoded
+                model.grammars.compile(chat.schema)
             return model.prepare(chat.messages, tools=chat.tools, check_prompt=budget, cancelled=cancelled)
         finally:
             memory.release()  # a large image's pixels go back to the system, not just to malloc
@@ -404,7 +407,8 @@ async def _complete(request: web.Request, model: VisionLanguageModel, chat: api.
 
     def run() -> list:
         try:
-            return list(model.generate(prompt, chat.params, max_tokens=budget.max_tokens, cancelled=cancelled))
+            return list(model.generate(prompt, chat.params, max_tokens=budget.max_tokens, cancelled=cancelled,
+                                       schema=chat.schema))
         finally:
             memory.release()
 
@@ -456,7 +460,8 @@ async def _stream(request, model, chat, prompt, max_tokens, cancel, cancelled, a
 
     def run() -> None:
         try:
-            for step in model.generate(prompt, chat.params, max_tokens=max_tokens, cancelled=cancelled):
+            for step in model.generate(prompt, chat.params, max_tokens=max_tokens, cancelled=cancelled,
+                                       schema=chat.schema):
                 emit(step)
         except Exception as exc:  # sent to the client as an error event; the server keeps serving
             emit(exc)

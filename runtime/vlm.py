@@ -6,6 +6,7 @@ request messages ─► convert_messages ─► chat template ─► images (bas
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .engine import Engine
-from .errors import Cancelled, ContextLengthError
+from .errors import Cancelled, ContextLengthError, InvalidRequestError
 from .generate import Step, generate
+from .grammar import Grammars
 from .images import ImageLimits, check_image_count, iter_images
 from .package import ModelPackage
 from .preprocess.idefics3 import Idefics3ImageConfig, fit, preprocess, tile_grid
@@ -36,9 +38,12 @@ class VisionLanguageModel:
     def __init__(self, package: ModelPackage, *, device: str = "cpu", threads: int | None = None,
                  image_limits: ImageLimits = ImageLimits()):
         self.package = package
-        self.engine = Engine(package, device=device, threads=threads)
         self.tokenizer = Tokenizer.from_file(str(package.tokenizer_path))
         tokens = package.tokens
+        self.eos_token_ids = tuple(tokens["eos_token_ids"])
+        self._grammars: Grammars | InvalidRequestError | None = None
+        self._grammars_lock = threading.Lock()
+        self.engine = Engine(package, device=device, threads=threads)
         self.template = ChatTemplate(package.chat_template, tokens.get("special_tokens"))
         self.layout = Idefics3PromptLayout.from_config({
             "image_seq_len": package.vision["image_seq_len"],
@@ -48,9 +53,25 @@ class VisionLanguageModel:
         })
         self.image_config = Idefics3ImageConfig.from_dict(package.image_processor)
         self.image_limits = image_limits
-        self.eos_token_ids = tuple(tokens["eos_token_ids"])
         # The most characters one token stands for (81 for SmolVLM's: a newline and 80 spaces), for `_check_length`.
         self.max_token_chars = max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
+
+    @property
+    def grammars(self) -> Grammars:
+        """response_format's grammar compiler. Its tokenizer-side index costs ~0.7 s for SmolVLM's 49k tokens (as
+        much as creating every onnxruntime session), so it is built on first use, not at load: the server builds
+        it on its worker right after it reports ready."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                try:
+                    self._grammars = Grammars(self.tokenizer, self.eos_token_ids)
+                except Exception as exc:  # llguidance cannot index this tokenizer: say so on every JSON request
+                    self._grammars = InvalidRequestError(
+                        f"response_format json_object / json_schema is not available for this model: its tokenizer "
+                        f"cannot be indexed for constrained decoding ({exc})", param="response_format")
+            if isinstance(self._grammars, Exception):
+                raise self._grammars
+            return self._grammars
 
     @classmethod
     def load(cls, path: str | Path, **kwargs) -> "VisionLanguageModel":
@@ -109,7 +130,10 @@ class VisionLanguageModel:
                 f"{self.engine.context_length} tokens", param="messages")
 
     def generate(self, prompt: Prompt, params: SamplingParams, *, max_tokens: int | None = None,
-                 cancelled: Callable[[], bool] = lambda: False) -> Iterator[Step]:
+                 cancelled: Callable[[], bool] = lambda: False, schema: Mapping | None = None) -> Iterator[Step]:
+        """The steps of the answer; with a JSON `schema` (`grammar.parse_response_format`) it is constrained to
+        it. Compiling the schema raises InvalidRequestError for one that cannot be enforced."""
         limit = max_tokens or params.max_tokens or self.package.generation_defaults.get("max_tokens", 512)
+        grammar = self.grammars.compile(schema) if schema is not None else None
         return generate(self.engine, self.tokenizer, prompt.input_ids, prompt.image_features, params,
-                        max_tokens=limit, eos_token_ids=self.eos_token_ids, cancelled=cancelled)
+                        max_tokens=limit, eos_token_ids=self.eos_token_ids, cancelled=cancelled, grammar=grammar)

@@ -215,8 +215,9 @@ def test_sse_framing_on_the_wire(server):
     ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n", None),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
     ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"999999": 5}}, 400, "logit_bias", None),
-    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, 400,
-     "response_format", "unsupported_parameter"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}}}}, 400,
+     "response_format", None),
     ({"messages": [{"role": "user", "content": "hi"}],
       "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools",
      "unsupported_parameter"),
