@@ -5,10 +5,12 @@ Which fields do what (also in the README):
   max_tokens / max_completion_tokens, presence_penalty, frequency_penalty, logit_bias, logprobs, top_logprobs,
   seed, response_format text / json_object / json_schema (constrained decoding, `grammar.py`), image_url.detail
   ("low" = one tile per image).
-- accepted and ignored: user, metadata, store, service_tier, parallel_tool_calls, and any field this server does
-  not know (SDKs send OpenAI's newer fields).
-- refused with a 400: a JSON schema with keywords the grammar cannot enforce, tools when the model's chat template
-  cannot express them, other content part types (audio, files).
+- honoured: tools (functions), tool_choice (none / auto / required / a named function), parallel_tool_calls,
+  in the generic format of `tools.py`, enforced by the grammar.
+- accepted and ignored: user, metadata, store, service_tier, and any field this server does not know (SDKs send
+  OpenAI's newer fields).
+- refused with a 400: a JSON schema with keywords the grammar cannot enforce, tools together with a JSON
+  response_format or with logprobs, other content part types (audio, files).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 from . import safejson
 from .errors import InvalidRequestError
 from .grammar import parse_response_format
+from .tools import ToolRequest, parse_tools
 from .sampling import SamplingParams
 
 
@@ -32,7 +35,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     params: SamplingParams
-    tools: list | None
+    tools: ToolRequest | None  # the generic tool format (tools.py); None without tools or with tool_choice none
     schema: dict | None = None  # response_format json_object / json_schema: the JSON Schema the answer follows
 
 
@@ -53,7 +56,7 @@ def parse_json(raw: bytes) -> Any:
         raise InvalidRequestError(f"the request body is not usable JSON: {exc}") from None
 
 
-def parse_chat_request(body: Any, *, vocab_size: int, template_supports_tools: bool) -> ChatRequest:
+def parse_chat_request(body: Any, *, vocab_size: int) -> ChatRequest:
     if not isinstance(body, Mapping):
         raise InvalidRequestError("the request body must be a JSON object")
     messages = body.get("messages")
@@ -75,22 +78,13 @@ def parse_chat_request(body: Any, *, vocab_size: int, template_supports_tools: b
 
     schema = parse_response_format(body.get("response_format"))
 
-    tools = body.get("tools")
-    tool_choice = body.get("tool_choice")
-    if tools is not None:
-        if not isinstance(tools, list):
-            raise InvalidRequestError("Invalid 'tools': expected an array", param="tools")
-        if not tools:
-            tools = None
-    if tools and tool_choice != "none" and not template_supports_tools:
-        raise InvalidRequestError("this model's chat template cannot express tools; send the request without "
-                                  "'tools' (or with tool_choice 'none')", param="tools",
+    tools = parse_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+    if tools is not None and schema is not None:
+        raise InvalidRequestError("response_format json_object / json_schema together with tools is not supported "
+                                  "yet", param="response_format", code="unsupported_parameter")
+    if tools is not None and body.get("logprobs"):
+        raise InvalidRequestError("logprobs together with tools is not supported yet", param="logprobs",
                                   code="unsupported_parameter")
-    if tool_choice is not None and tool_choice not in ("none", "auto", "required") and not isinstance(
-            tool_choice, Mapping):
-        raise InvalidRequestError(f"Invalid 'tool_choice': {tool_choice!r}", param="tool_choice")
-    if tool_choice == "none":
-        tools = None
 
     params = SamplingParams.from_request(body, vocab_size=vocab_size)
     return ChatRequest(messages=messages, model=model, stream=stream, include_usage=include_usage, params=params,

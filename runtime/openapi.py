@@ -73,7 +73,13 @@ def _schemas() -> dict:
     token_logprob = _obj({**top_logprob["properties"], "top_logprobs": {"type": "array", "items": top_logprob}},
                          ("token", "logprob", "bytes", "top_logprobs"))
     logprobs = _nullable(_obj({"content": {"type": "array", "items": token_logprob}}, ("content",)))
-    finish = {"enum": ["stop", "length"]}
+    finish = {"enum": ["stop", "length", "tool_calls"]}
+    tool_call = _obj({"id": {"type": "string"}, "type": {"const": "function"},
+                      "function": _obj({"name": {"type": "string"}, "arguments": {"type": "string"}},
+                                       ("name", "arguments"))}, ("id", "type", "function"))
+    tool_call_delta = _obj({"index": _nonneg_int(), "id": {"type": "string"}, "type": {"const": "function"},
+                            "function": _obj({"name": {"type": "string"}, "arguments": {"type": "string"}})},
+                           ("index",))
     usage = _obj({"prompt_tokens": _nonneg_int(), "completion_tokens": _nonneg_int(), "total_tokens": _nonneg_int(),
                   "prompt_tokens_details": _obj({"cached_tokens": _nonneg_int(), "image_tokens": _nonneg_int()})},
                  ("prompt_tokens", "completion_tokens", "total_tokens"))
@@ -113,14 +119,17 @@ def _schemas() -> dict:
                            "description": "Only with stream: true."},
         **sampling,
         "response_format": _nullable(_obj({"type": {"enum": ["text", "json_object", "json_schema"]}}, ("type",),
-                                          description="Only 'text' is supported: the others are a 400 "
-                                                      "(unsupported_parameter).")),
+                                          description="json_object / json_schema are enforced by constrained "
+                                                      "decoding; a schema keyword the grammar cannot enforce is a "
+                                                      "400; not together with tools (400).")),
         "tools": {"type": ["array", "null"],
-                  "description": "Tool objects (not checked with tool_choice 'none', which drops them); a 400 "
-                                 "(unsupported_parameter) unless the model's chat template can express tools."},
-        "tool_choice": {"anyOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}, {"type": "null"}]},
-        **{name: {"description": _IGNORED} for name in (
-            "user", "metadata", "store", "service_tier", "parallel_tool_calls")},
+                  "description": "Function tools (type 'function', a name, parameters an object schema); any "
+                                 "other tool, a duplicate name or parameters that are not an object schema are a "
+                                 "400. Answered in the generic format, enforced by the grammar; not with logprobs."},
+        "tool_choice": {"anyOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}, {"type": "null"}],
+                        "description": "Needs tools; a named function must be one of them (400)."},
+        "parallel_tool_calls": {"type": ["boolean", "null"]},
+        **{name: {"description": _IGNORED} for name in ("user", "metadata", "store", "service_tier")},
     }, ("messages",), allOf=[
         {"if": {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]},
          "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}},
@@ -150,7 +159,8 @@ def _schemas() -> dict:
             **envelope, "object": {"const": "chat.completion"},
             "choices": {"type": "array", "minItems": 1, "items": _obj({
                 "index": _nonneg_int(),
-                "message": _obj({"role": {"const": "assistant"}, "content": {"type": "string"}}, ("role", "content")),
+                "message": _obj({"role": {"const": "assistant"}, "content": {"type": ["string", "null"]},
+                                 "tool_calls": {"type": "array", "items": tool_call}}, ("role", "content")),
                 "finish_reason": finish, "logprobs": logprobs}, ("index", "message", "finish_reason", "logprobs"))},
             "usage": _ref("Usage"),
         }, ("id", "object", "created", "model", "system_fingerprint", "choices", "usage")),
@@ -158,7 +168,8 @@ def _schemas() -> dict:
             **envelope, "object": {"const": "chat.completion.chunk"},
             "choices": {"type": "array", "items": _obj({
                 "index": _nonneg_int(),
-                "delta": _obj({"role": {"const": "assistant"}, "content": {"type": "string"}}),
+                "delta": _obj({"role": {"const": "assistant"}, "content": {"type": "string"},
+                               "tool_calls": {"type": "array", "items": tool_call_delta}}),
                 "finish_reason": {"anyOf": [finish, {"type": "null"}]}, "logprobs": logprobs},
                 ("index", "delta", "finish_reason"))},
             "usage": _ref("Usage"),

@@ -36,7 +36,7 @@ from aiohttp import web
 
 from edgevlm import __version__
 
-from . import api, memory, openapi
+from . import api, memory, openapi, tools
 from .errors import Cancelled, EdgeVLMError, InvalidRequestError
 from .limits import ServerLimits
 from .sampling import SamplingParams
@@ -365,8 +365,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise _TooLarge(limits.max_body_bytes)
     with _Admission(state, limits, limits.max_body_bytes if declared is None else declared) as admission:
         body = api.parse_json(await _read_body(request, limits))
-        chat = api.parse_chat_request(body, vocab_size=model.package.text["vocab_size"],
-                                      template_supports_tools="tools" in model.template.template)
+        chat = api.parse_chat_request(body, vocab_size=model.package.text["vocab_size"])
         budget = _Budget(chat.params, limits, model)
         return await _complete(request, model, chat, budget, admission)
 
@@ -388,13 +387,18 @@ async def _complete(request: web.Request, model: VisionLanguageModel, chat: api.
     def cancelled() -> bool:
         return cancel.is_set() or state.stopping.is_set() or transport is None or transport.is_closing()
 
+    # With tools, the answer is the generic format's JSON (tools.py): the conversation describes the tools and the
+    # grammar follows their schemas; ToolAnswer turns the JSON back into OpenAI's message and deltas.
+    messages = tools.render_conversation(chat.tools, chat.messages) if chat.tools else chat.messages
+    schema = chat.tools.schema() if chat.tools else chat.schema
+
     def prepare():
         if cancelled():  # it waited behind others while its client left or the server began to stop
             raise _cut(state)
         try:
-            if chat.schema is not None:  # an unenforceable schema is a 400 before any image is decoded
-                model.grammars.compile(chat.schema)
-            return model.prepare(chat.messages, tools=chat.tools, check_prompt=budget, cancelled=cancelled)
+            if schema is not None:  # an unenforceable schema is a 400 before any image is decoded
+                model.grammars.compile(schema)
+            return model.prepare(messages, check_prompt=budget, cancelled=cancelled)
         finally:
             memory.release()  # a large image's pixels go back to the system, not just to malloc
 
@@ -402,13 +406,13 @@ async def _complete(request: web.Request, model: VisionLanguageModel, chat: api.
     request_id, created = api.completion_id(), api.now()
     name = chat.model or model.name
     if chat.stream:
-        return await _stream(request, model, chat, prompt, budget.max_tokens, cancel, cancelled, admission,
+        return await _stream(request, model, chat, prompt, budget.max_tokens, schema, cancel, cancelled, admission,
                              request_id, created, name)
 
     def run() -> list:
         try:
             return list(model.generate(prompt, chat.params, max_tokens=budget.max_tokens, cancelled=cancelled,
-                                       schema=chat.schema))
+                                       schema=schema))
         finally:
             memory.release()
 
@@ -420,8 +424,13 @@ async def _complete(request: web.Request, model: VisionLanguageModel, chat: api.
     choices = []
     for index in range(chat.params.n):
         own = [s for s in steps if s.choice == index]
-        choice = {"index": index, "message": {"role": "assistant", "content": "".join(s.text for s in own)},
-                  "finish_reason": own[-1].finish_reason, "logprobs": None}
+        text, finish_reason = "".join(s.text for s in own), own[-1].finish_reason
+        message = {"role": "assistant", "content": text}
+        if chat.tools:
+            answer = tools.ToolAnswer()
+            answer.feed(text)
+            message, finish_reason = answer.message(), answer.finish_reason(finish_reason)
+        choice = {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": None}
         if chat.params.logprobs:
             choice["logprobs"] = {"content": [_logprob(model, s, chat.params.top_logprobs) for s in own]}
         choices.append(choice)
@@ -446,8 +455,8 @@ class _Stalled(Exception):
     """A write waited longer than --write-timeout: the client stopped reading."""
 
 
-async def _stream(request, model, chat, prompt, max_tokens, cancel, cancelled, admission, request_id, created,
-                  name) -> web.StreamResponse:
+async def _stream(request, model, chat, prompt, max_tokens, schema, cancel, cancelled, admission, request_id,
+                  created, name) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     state, config, worker = request.app[STATE], request.app[CONFIG], request.app[WORKER]
     events: asyncio.Queue = asyncio.Queue()
@@ -461,7 +470,7 @@ async def _stream(request, model, chat, prompt, max_tokens, cancel, cancelled, a
     def run() -> None:
         try:
             for step in model.generate(prompt, chat.params, max_tokens=max_tokens, cancelled=cancelled,
-                                       schema=chat.schema):
+                                       schema=schema):
                 emit(step)
         except Exception as exc:  # sent to the client as an error event; the server keeps serving
             emit(exc)
@@ -485,6 +494,7 @@ async def _stream(request, model, chat, prompt, max_tokens, cancel, cancelled, a
 
     job = loop.run_in_executor(worker, run)
     completion_tokens, finished, error = 0, set(), None
+    answers = [tools.ToolAnswer() for _ in range(chat.params.n)] if chat.tools else None
     try:
         for index in range(chat.params.n):
             await send(chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
@@ -499,13 +509,18 @@ async def _stream(request, model, chat, prompt, max_tokens, cancel, cancelled, a
             logprobs = None
             if chat.params.logprobs:
                 logprobs = {"content": [_logprob(model, event, chat.params.top_logprobs)]}
-            if event.text or logprobs:
-                await send(chunk([{"index": event.choice, "delta": {"content": event.text},
-                                   "logprobs": logprobs, "finish_reason": None}]))
+            deltas = [{"content": event.text}] if event.text or logprobs else []
+            if answers is not None:
+                deltas = answers[event.choice].feed(event.text)
+            for delta in deltas:
+                await send(chunk([{"index": event.choice, "delta": delta, "logprobs": logprobs,
+                                   "finish_reason": None}]))
             if event.finish_reason:
                 finished.add(event.choice)
+                finish_reason = (answers[event.choice].finish_reason(event.finish_reason) if answers is not None
+                                 else event.finish_reason)
                 await send(chunk([{"index": event.choice, "delta": {}, "logprobs": None,
-                                   "finish_reason": event.finish_reason}]))
+                                   "finish_reason": finish_reason}]))
         if error is None and len(finished) < chat.params.n:
             error = _cut(state)  # it stopped before every choice ended: say so, never end it like an answer
         if error is not None:

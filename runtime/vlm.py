@@ -81,8 +81,7 @@ class VisionLanguageModel:
     def name(self) -> str:
         return self.package.name
 
-    def prepare(self, messages: Sequence[Mapping], *, tools: Sequence[Mapping] | None = None,
-                check_prompt: Callable[[int], None] | None = None,
+    def prepare(self, messages: Sequence[Mapping], *, check_prompt: Callable[[int], None] | None = None,
                 cancelled: Callable[[], bool] = lambda: False) -> Prompt:
         """Validate and render the conversation, decode and encode its images; errors are InvalidRequestError.
 
@@ -94,7 +93,7 @@ class VisionLanguageModel:
         """
         converted = convert_messages(messages, reserved_text=[self.layout.placeholder])
         check_image_count(len(converted.images), self.image_limits)
-        text = self.template.render(converted.messages, add_generation_prompt=True, tools=tools)
+        text = self.template.render(converted.messages, add_generation_prompt=True)
         self._check_length(text)
         fitted, grids = [], []
         for image in iter_images([ref.url for ref in converted.images], self.image_limits):
