@@ -229,8 +229,8 @@ def _run_serve(args) -> int:
     try:
         asyncio.run(serve(config))
     except OSError as exc:  # the port could not be bound: nothing was loaded, nothing said "ready"
-        print(f"edgevlm serve: error: cannot listen on {args.host}:{args.port}: {os.strerror(exc.errno) if exc.errno else exc}",
-              file=sys.stderr)
+        reason = os.strerror(exc.errno) if exc.errno else exc
+        print(f"edgevlm serve: error: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
         return 2
     return 0
 

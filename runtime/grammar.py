@@ -1,6 +1,7 @@
 """Constrained decoding for OpenAI's ``response_format``: a token mask per step from a JSON Schema, via llguidance.
 
-    response_format ─► parse_response_format ─► schema ─► Grammars.compile ─► Grammar (cached, shared) ─► .start() ─► GrammarState (one per choice)
+    response_format ─► parse_response_format ─► schema ─► Grammars.compile ─► Grammar (cached, shared)
+                    ─► .start() ─► GrammarState (one per choice)
     each step:  state.apply(logits)  ─► sample ─►  state.advance(token)  ─► state.is_finished()? ─► stop
 
 Conventions the decode loop relies on:

@@ -113,21 +113,24 @@ class _ShuttingDown(Cancelled):
         super().__init__(what)
 
 
-class _TooLarge(EdgeVLMError):
-    status = 413
+class _BodyUnread(EdgeVLMError):
+    """Answered before the body was (all) read: the connection closes rather than drain what is left of it."""
+
     type = "invalid_request_error"
+    headers = {"Connection": "close"}
+
+
+class _TooLarge(_BodyUnread):
+    status = 413
     code = "request_too_large"
-    headers = {"Connection": "close"}  # the unread body is not drained
 
     def __init__(self, limit: int):
         super().__init__(f"request body too large: the limit is {limit / 1e6:g} MB (edgevlm serve --max-body-mb)")
 
 
-class _RequestTimeout(EdgeVLMError):
+class _RequestTimeout(_BodyUnread):
     status = 408
-    type = "invalid_request_error"
     code = "request_timeout"
-    headers = {"Connection": "close"}
 
     def __init__(self, seconds: float):
         super().__init__(f"the request body did not arrive within {seconds:g} s (edgevlm serve --read-timeout)")

@@ -262,7 +262,8 @@ def test_the_request_pixel_budget_is_checked_before_each_image_is_decoded(server
     assert status == 400
     error = error_of(payload)
     assert error["code"] == "invalid_image"
-    assert error["message"].startswith("image 6: 6000×6000 takes the request's images past their total limit of 200 MP")
+    assert error["message"].startswith(
+        "image 6: 6000×6000 takes the request's images past their total limit of 200 MP")
 
 
 # ------------------------------------------------------------------------------------------------- shutdown
