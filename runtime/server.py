@@ -514,7 +514,12 @@ async def _stream(request, model, chat, prompt, max_tokens, schema, cancel, canc
                 logprobs = {"content": [_logprob(model, event, chat.params.top_logprobs)]}
             deltas = [{"content": event.text}] if event.text or logprobs else []
             if answers is not None:
-                deltas = answers[event.choice].feed(event.text)
+                try:
+                    deltas = answers[event.choice].feed(event.text)
+                except ValueError:  # output off the generic format (the grammar should make it impossible)
+                    logger.exception("unreadable tool-call output")
+                    error, deltas = EdgeVLMError("the model's tool-call output could not be read"), []
+                    cancel.set()
             for delta in deltas:
                 await send(chunk([{"index": event.choice, "delta": delta, "logprobs": logprobs,
                                    "finish_reason": None}]))
