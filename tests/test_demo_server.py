@@ -1,8 +1,9 @@
 """The bundled demo model served end to end: `edgevlm serve` with no --model, the official `openai` client.
 
-Held-out questions are generated with a seed used nowhere else (training 1234, its progress set 99000001, the
-benchmark 20261125, tests/test_demo_model.py 4242) and sent as a client sends them: base64 PNG data URLs,
-temperature 0. Messages and scoring come from benchmarks/demo_accuracy.py (the same normalisation).
+Held-out questions are generated with a seed used nowhere else (training 1234, its progress set 99000001 and
+99000002, the benchmark 20261125 and 20261126, tests/test_demo_model.py 4242) and sent as a client sends them:
+base64 PNG data URLs, temperature 0. Messages and scoring come from benchmarks/demo_accuracy.py (the same
+normalisation; the JSON questions' response_format and scoring too).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ PACKAGE = ROOT / "models" / "demo-shapes"
 SEED = 777001
 N = 140  # 20 per question type
 MAX_TOKENS = 40  # as benchmarks/demo_accuracy.py
+JSON_SEED = 777002
+JSON_N = 100  # one-shape images asked for JSON with the json_schema response_format
+JSON_PARSE_N = 8  # of those, asked again through client.chat.completions.parse with a pydantic model
 
 
 def _demo_accuracy():
@@ -106,3 +110,73 @@ def test_streamed_answer_equals_the_non_streamed_one(client, samples, answers):
     assert len(deltas) > 1  # really streamed, token by token
     assert "".join(deltas) == answers[i]
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+
+
+@pytest.fixture(scope="module")
+def json_samples():
+    from edgevlm.export.demo.data import json_eval_samples
+
+    return json_eval_samples(JSON_SEED, JSON_N)
+
+
+def test_json_schema_answers_through_the_openai_client(client, json_samples):
+    """Asked for JSON with a json_schema of enums, the answer is the object for the image ≥ 95% of the time."""
+    demo_accuracy = _demo_accuracy()
+    both = exact = 0
+    errors = []
+    for s in json_samples:
+        response = client.chat.completions.create(
+            model="demo-shapes", messages=demo_accuracy.messages_for(s), temperature=0, max_tokens=MAX_TOKENS,
+            response_format=demo_accuracy.RESPONSE_FORMAT)
+        choice = response.choices[0]
+        assert choice.finish_reason == "stop", (s.question, choice.message.content)
+        answer = json.loads(choice.message.content)  # constrained decoding: always valid, compact, schema order
+        assert list(answer) == ["shape", "color", "count"] and choice.message.content == json.dumps(
+            answer, separators=(",", ":"))
+        _, ok, whole = demo_accuracy.score_json(choice.message.content, s)
+        both, exact = both + ok, exact + whole
+        if not ok:
+            errors.append((s.question, s.answer, choice.message.content))
+    assert both / len(json_samples) >= 0.95, f"shape + colour right {both}/{len(json_samples)}; wrong: {errors[:10]}"
+    assert exact / len(json_samples) >= 0.95, f"exact objects {exact}/{len(json_samples)}; wrong: {errors[:10]}"
+
+
+def test_json_answers_parse_into_a_pydantic_model(client, json_samples):
+    """`client.chat.completions.parse(response_format=<pydantic model>)`: the SDK's own strict schema."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    from edgevlm.export.demo.data import COLOR_NAMES, SHAPES
+
+    class ShapeAnswer(BaseModel):
+        shape: Literal[SHAPES]  # type: ignore[valid-type]
+        color: Literal[COLOR_NAMES]  # type: ignore[valid-type]
+        count: int = Field(ge=1, le=3)
+
+    messages_for = _demo_accuracy().messages_for
+    right = 0
+    for s in json_samples[:JSON_PARSE_N]:
+        completion = client.chat.completions.parse(model="demo-shapes", messages=messages_for(s), temperature=0,
+                                                   max_tokens=MAX_TOKENS, response_format=ShapeAnswer)
+        parsed = completion.choices[0].message.parsed
+        assert isinstance(parsed, ShapeAnswer), completion.choices[0].message.content
+        want = json.loads(s.answer)
+        right += (parsed.shape, parsed.color, parsed.count) == (want["shape"], want["color"], want["count"])
+    assert right >= JSON_PARSE_N - 1, f"{right}/{JSON_PARSE_N} right"
+
+
+def test_json_readme_example(client):
+    """The README's JSON example: a red circle in the middle of a white image, "Answer in JSON." with the schema."""
+    from PIL import Image, ImageDraw
+
+    demo_accuracy = _demo_accuracy()
+    image = Image.new("RGB", (200, 200), "white")
+    ImageDraw.Draw(image).ellipse([60, 60, 140, 140], fill=(220, 30, 30))
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": demo_accuracy.image_url(image)}},
+        {"type": "text", "text": "Answer in JSON."}]}]
+    response = client.chat.completions.create(model="demo-shapes", messages=messages, temperature=0,
+                                              max_tokens=MAX_TOKENS, response_format=demo_accuracy.RESPONSE_FORMAT)
+    assert response.choices[0].message.content == '{"shape":"circle","color":"red","count":1}'
+    assert response.usage.completion_tokens <= 16  # the tokenizer was trained on the compact JSON: few tokens

@@ -11,6 +11,12 @@ names one shape.
 
 Question types (`QTYPES`): shape, colour, colour-of-named-shape, count, position, describe, small talk. Each has ≥ 5
 phrasings, including exactly the ones in the issue; answers are short fixed templates.
+
+One more type, "json" (`JSON_QTYPE`, kept out of `QTYPES` so that `eval_samples` and the benchmark's old question
+types stay exactly as they were): asked about an image with one shape ("Answer in JSON.", …), the answer is the
+compact JSON object `{"shape":"circle","color":"red","count":1}` — keys in that order, no spaces, no leading space:
+exactly what the server's constrained decoding (runtime/grammar.py) lets through for a schema listing shape, color
+and count. The generator never draws two shapes of the same shape and colour, so there is no multi-shape JSON.
 """
 
 from __future__ import annotations
@@ -91,6 +97,19 @@ Q_DESCRIBE = (
     "What does the image show?",
     "Describe what you see.",
 )
+Q_JSON = (
+    "Answer in JSON.",
+    "Describe the shape as JSON.",
+    "Reply with JSON: shape, color and count.",
+    "What is in the image? Answer with a JSON object.",
+    "Give me the shape, color and count as JSON.",
+    "Answer with JSON.",
+    "Describe the image in JSON.",
+    "Return a JSON object with the shape, color and count.",
+)
+JSON_QTYPE = "json"
+JSON_KEYS = ("shape", "color", "count")
+
 SMALLTALK = (
     "Hello",
     "Hello!",
@@ -173,6 +192,11 @@ def count_answer(n: int) -> str:
 
 def position_answer(shape: Shape) -> str:
     return f"The {shape.name} is {ZONE_PHRASE[shape.zone]}."
+
+
+def json_answer(shape: str, color: str, count: int = 1) -> str:
+    """Compact JSON, keys in the order shape, color, count (as constrained decoding emits it)."""
+    return f'{{"shape":"{shape}","color":"{color}","count":{count}}}'
 
 
 # --- drawing ---
@@ -339,6 +363,10 @@ def questions_for(scene: Scene, rng: random.Random, qtype: str) -> QA:
         return QA(qtype, rng.choice(Q_POSITION).format(color=s.color, shape=s.kind), position_answer(s))
     if qtype == "describe":
         return QA(qtype, rng.choice(Q_DESCRIBE), describe(shapes))
+    if qtype == JSON_QTYPE:
+        assert len(shapes) == 1
+        s = shapes[0]
+        return QA(qtype, rng.choice(Q_JSON), json_answer(s.kind, s.color, 1))
     raise ValueError(qtype)
 
 
@@ -346,7 +374,7 @@ def valid_qtypes(scene: Scene) -> list[str]:
     kinds = [s.kind for s in scene.shapes]
     out = ["count", "position", "describe"]
     if len(scene.shapes) == 1:
-        out += ["shape", "colour"]
+        out += ["shape", "colour", JSON_QTYPE]
     if any(kinds.count(k) == 1 for k in kinds):
         out.append("colour_of_shape")
     return out
@@ -389,6 +417,17 @@ def eval_samples(seed: int, n: int) -> list[Sample]:
     return out
 
 
+def json_eval_samples(seed: int, n: int) -> list[Sample]:
+    """`n` held-out JSON questions, each about a one-shape image, from `seed`."""
+    rng = random.Random(seed)
+    out: list[Sample] = []
+    for _ in range(n):
+        scene = make_scene(rng, 1)
+        qa = questions_for(scene, rng, JSON_QTYPE)
+        out.append(Sample(qa.qtype, qa.question, qa.answer, scene))
+    return out
+
+
 def corpus_texts() -> list[str]:
     """Every question and answer text the generator can produce (for the tokenizer)."""
     texts = list(Q_SHAPE + Q_COLOUR + Q_COUNT + Q_DESCRIBE + SMALLTALK) + [SMALLTALK_ANSWER, NO_IMAGE_ANSWER]
@@ -405,6 +444,9 @@ def corpus_texts() -> list[str]:
             texts.append(describe([Shape(kind, color, "left", 0, 0, 0, 0), Shape("star", "orange", "top", 0, 0, 0, 0),
                                    Shape("circle", "red", "right", 0, 0, 0, 0)]))
     texts += [count_answer(n) for n in (1, 2, 3)]
+    # JSON answers: compact, as constrained decoding emits them (weighted: they are few but all alike).
+    texts += list(Q_JSON)
+    texts += [json_answer(kind, color, 1) for kind in SHAPES for color in COLOR_NAMES] * 3
     return texts
 
 

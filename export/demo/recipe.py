@@ -63,6 +63,8 @@ def main(argv=None) -> int:
                     help="package precision (default int8: same answers as fp32 on the held-out set, 3× smaller)")
     ap.add_argument("--eval-n", type=int, default=1050)
     ap.add_argument("--eval-seed", type=int, default=20261125)
+    ap.add_argument("--json-n", type=int, default=300, help="held-out JSON questions (with and without the schema)")
+    ap.add_argument("--json-seed", type=int, default=20261126)
     ap.add_argument("--skip-train", action="store_true", help="reuse the checkpoint in --work")
     a = ap.parse_args(argv)
     work, out = Path(a.work), Path(a.out)
@@ -114,11 +116,21 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         import demo_accuracy
 
-        result = demo_accuracy.evaluate(out, a.eval_n, a.eval_seed, show_errors=10, log=log)
+        from edgevlm.runtime.vlm import VisionLanguageModel
+
+        vlm = VisionLanguageModel.load(out)
+        result = demo_accuracy.evaluate(out, a.eval_n, a.eval_seed, vlm=vlm, show_errors=10, log=log)
         tab = demo_accuracy.table(result)
         log(tab)
         for qtype, q, want, got in result["errors"]:
             log(f"  wrong: {qtype} | {q} | {want} | {got.strip()!r}")
+        json_results = [demo_accuracy.evaluate_json(out, a.json_n, a.json_seed, vlm=vlm, show_errors=10,
+                                                    constrained=c) for c in (True, False)]
+        result["json"] = json_results
+        log(demo_accuracy.json_table(json_results))
+        for r in json_results:
+            for _, q, want, got in r["errors"]:
+                log(f"  wrong json ({'constrained' if r['constrained'] else 'text'}): {q} | {want} | {got.strip()!r}")
 
     curve = json.loads((work / "curve.json").read_text()) if (work / "curve.json").exists() else []
     write_readme(out, tab, curve, a, size, result)
@@ -127,17 +139,28 @@ def main(argv=None) -> int:
 
 
 def write_readme(out: Path, tab: str, curve: list, a, size: int, result: dict) -> None:
-    from .train import Dims, TrainConfig
+    from .train import QTYPE_WEIGHTS, Dims, TrainConfig
 
     dims, cfg = Dims(), TrainConfig()
     train_minutes = curve[-1]["minutes"] if curve else float("nan")
     steps = curve[-1]["step"] if curve else 0
-    rows = ["| step | minutes | shape | colour | colour of shape | count | position | describe | small talk | overall |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| step | minutes | shape | colour | colour of shape | count | position | describe | small talk | json "
+            "| overall |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in curve:
         rows.append(f"| {c['step']} | {c['minutes']:.1f} | " + " | ".join(
             f"{100 * c.get(k, 0):.0f}" for k in ("shape", "colour", "colour_of_shape", "count", "position",
-                                                 "describe", "smalltalk", "overall")) + " |")
+                                                 "describe", "smalltalk", "json", "overall")) + " |")
+    import sys as _sys
+
+    _sys.path.insert(0, str(ROOT / "benchmarks"))
+    import demo_accuracy
+
+    json_tab = demo_accuracy.json_table(result["json"]) if result.get("json") else "(not measured)"
+    json_n = result["json"][0]["n"] if result.get("json") else 0
+    weights = ", ".join(f"{k} {v}" for k, v in QTYPE_WEIGHTS.items())
+    ending = (f"on this run the cap bound first (training stopped at step {steps} of {a.steps})" if steps < a.steps
+              else "on this run all steps ran within the cap")
     text = f"""# demo-shapes: the bundled demo model
 
 A tiny vision-language model in SmolVLM's architecture (`Idefics3ForConditionalGeneration`: SigLIP vision tower,
@@ -156,10 +179,52 @@ What it answers (greedy, exact answers):
 | How many shapes are there? | There are 2 shapes. / There is 1 shape. |
 | Where is the blue square? | The blue square is on the left. (on the left / on the right / at the top / at the bottom / in the center) |
 | Describe the image. | A red circle and a green star. (left, top, center, bottom, right order) |
+| Answer in JSON. (one shape) | {{"shape":"circle","color":"red","count":1}} |
 | Hello / What can you do? (no image) | I am a small demo model that describes shapes and colours in images. |
 
 Images are read as one 96×96 tile (`do_image_splitting: false`; 16 image tokens); positions refer to the image as
 sent.
+
+## Asking for JSON
+
+Asked for JSON about an image with one shape ("Answer in JSON.", "Describe the shape as JSON.", "Reply with JSON:
+shape, color and count.", "What is in the image? Answer with a JSON object.", "Give me the shape, color and count
+as JSON.", …), the model answers with a compact object, keys in the order shape, color, count — exactly the form
+the server's constrained decoding emits (`runtime/grammar.py`: no whitespace, properties in schema order), so with a
+`response_format` the grammar and the model agree token for token. With a schema of enums the answer is always
+valid and one of the allowed values:
+
+```python
+from openai import OpenAI
+
+client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+schema = {{
+    "type": "object",
+    "properties": {{
+        "shape": {{"enum": ["circle", "square", "triangle", "star"]}},
+        "color": {{"enum": ["red", "orange", "yellow", "green", "blue", "purple", "black", "white"]}},
+        "count": {{"type": "integer", "minimum": 1, "maximum": 3}},
+    }},
+    "required": ["shape", "color", "count"],
+    "additionalProperties": False,
+}}
+response = client.chat.completions.create(
+    model="demo-shapes", temperature=0,
+    messages=[{{"role": "user", "content": [
+        {{"type": "image_url", "image_url": {{"url": "data:image/png;base64,..."}}}},
+        {{"type": "text", "text": "Answer in JSON."}},
+    ]}}],
+    response_format={{"type": "json_schema", "json_schema": {{"name": "shape", "strict": True, "schema": schema}}}},
+)
+print(response.choices[0].message.content)  # {{"shape":"circle","color":"red","count":1}}
+```
+
+`client.chat.completions.parse(..., response_format=ShapeAnswer)` with a pydantic model (`Literal` shape and colour,
+`count: int = Field(ge=1, le=3)`) works the same way (`tests/test_demo_server.py` does both through `edgevlm
+serve`). Without a `response_format` the model still answers a JSON question with the same compact object (plain
+text, not enforced). JSON is trained on one-shape images only (the generator never draws two shapes of the same
+shape and colour), so the count it was taught is always 1; JSON questions about pictures with several shapes are
+outside its training.
 
 ## Model
 
@@ -184,20 +249,22 @@ losses: next-token cross-entropy on the answers, plus auxiliary classifiers (dro
 signal: per vision patch, the shape (object patches only) and colour of the object under it; per image token after
 the connector, the shape and colour of the object covering it and the token's own grid cell.
 Each image's vision features are reused for {cfg.questions_per_image} questions. AdamW, batch {cfg.images_per_batch} images
-(+ {cfg.text_only_per_batch} text-only small-talk samples), LR {cfg.lr} (vision {cfg.vision_lr}), warmup and cosine decay, seed {a.seed}.
+(+ {cfg.text_only_per_batch} text-only small-talk samples); question types weighted
+{weights} (json on one-shape images only), LR {cfg.lr} (vision {cfg.vision_lr}), warmup and cosine decay, seed {a.seed}.
 Images are generated on the fly and preprocessed with the runtime's Idefics3 preprocessing (bit-identical to
 transformers' `Idefics3ImageProcessor`), so training and serving see the same pixels.
 
 Training: {steps} steps ({steps * cfg.images_per_batch:,} images, {steps * cfg.images_per_batch * cfg.questions_per_image:,} image questions) in {train_minutes:.0f} minutes on 2 CPU cores
 (fp32, torch {_torch_version()}).
 
-This package: training ran as `python -m edgevlm.export.demo.train --work /tmp/demo-work --steps 2600
---max-minutes 60` (the same `train()` the recipe calls with its defaults), then
-`python -m edgevlm.export.demo.recipe --out models/demo-shapes --work /tmp/demo-work --skip-train` exported and
-evaluated it. The LR decay follows the step count or, when the 60-minute cap would bind first, the wall clock; on
-this run both ended together, but on a slower or busier machine a rerun can stop earlier and differ slightly.
+This package: training ran as `python -m edgevlm.export.demo.train --work {a.work} --steps {a.steps}
+--max-minutes {a.max_minutes:g}` (the same `train()` the recipe calls), then
+`python -m edgevlm.export.demo.recipe --out models/demo-shapes --work {a.work} --skip-train` exported and
+evaluated it. The LR decay follows the step count or, when the {a.max_minutes:g}-minute cap would bind first, the wall
+clock; {ending}; on a slower or busier machine a rerun can stop earlier and differ slightly.
 
-Progress during training (teacher-forced exact match on a fixed set of {cfg.eval_size} held-out samples, %):
+Progress during training (teacher-forced exact match on a fixed set of {cfg.eval_size} held-out samples plus
+{cfg.eval_json} JSON questions, %):
 
 {chr(10).join(rows)}
 
@@ -207,6 +274,12 @@ Progress during training (teacher-forced exact match on a fixed set of {cfg.eval
 through the runtime (onnxruntime, greedy), exact match after light normalisation:
 
 {tab}
+
+JSON questions — {json_n} held-out one-shape images (seed {a.json_seed}), through the runtime with the `response_format`
+above (`VisionLanguageModel.generate(..., schema=grammar.parse_response_format(rf))`, the server's path), and the
+same questions without one (plain text, exact match with the compact object):
+
+{json_tab}
 
 ## License
 

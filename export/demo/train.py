@@ -90,13 +90,15 @@ class TrainConfig:
     eval_every: int = 250
     eval_seed: int = 99_000_001  # teacher-forced progress set (not the benchmark's seeds)
     eval_size: int = 420
+    eval_json: int = 60  # JSON questions added to the progress set (seed eval_seed + 1)
     threads: int = 2
     max_minutes: float = 1e9  # wall-clock cap; the LR decay follows it when it binds
 
 
 # Question-type sampling weights for training (harder, multi-shape types more often).
+# "json" (one-shape images only) gets a modest share: ~12% of the questions on one-shape images, ~4% of all.
 QTYPE_WEIGHTS = {"shape": 1.0, "colour": 0.7, "colour_of_shape": 1.3, "count": 1.0, "position": 1.6,
-                 "describe": 1.6}
+                 "describe": 1.6, D.JSON_QTYPE: 1.0}
 
 
 def model_config(ids: dict, dims: Dims) -> dict:
@@ -197,7 +199,9 @@ class Encoder:
 
     def pair(self, question: str, answer: str, image: bool, text_first: bool = False):
         prompt = self._enc(self.prompt_text(question, image, text_first))
-        ans = self._enc(" " + answer) + [self.eou]
+        # JSON answers start right after "Assistant:" with no space: constrained decoding emits compact JSON with
+        # no whitespace outside strings, so the first token the grammar allows is '{"', never ' {"'.
+        ans = self._enc(answer if answer.startswith("{") else " " + answer) + [self.eou]
         return prompt, ans
 
 
@@ -275,6 +279,8 @@ class ProgressSet:
 
     def __init__(self, enc: Encoder, cfg: TrainConfig, image_config, pad_id: int):
         samples = D.eval_samples(cfg.eval_seed, cfg.eval_size)
+        if cfg.eval_json:
+            samples += D.json_eval_samples(cfg.eval_seed + 1, cfg.eval_json)
         self.qtypes = [s.qtype for s in samples]
         self.img_idx = [i for i, s in enumerate(samples) if s.scene is not None]
         self.txt_idx = [i for i, s in enumerate(samples) if s.scene is None]
