@@ -180,3 +180,41 @@ def test_json_readme_example(client):
                                               max_tokens=MAX_TOKENS, response_format=demo_accuracy.RESPONSE_FORMAT)
     assert response.choices[0].message.content == '{"shape":"circle","color":"red","count":1}'
     assert response.usage.completion_tokens <= 16  # the tokenizer was trained on the compact JSON: few tokens
+
+
+def test_langchain_structured_output_and_tools_on_the_demo_model(demo_server, json_samples):
+    """LangChain's ChatOpenAI on the demo model: with_structured_output(json_schema) answers right, and a bound
+    tool streamed through the openai stream helper comes back as a valid call."""
+    import os
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    os.environ["LANGSMITH_TRACING"] = os.environ["LANGCHAIN_TRACING_V2"] = "false"
+    from langchain_openai import ChatOpenAI
+
+    from edgevlm.export.demo.data import COLOR_NAMES, SHAPES
+
+    class ShapeAnswer(BaseModel):
+        shape: Literal[SHAPES]  # type: ignore[valid-type]
+        color: Literal[COLOR_NAMES]  # type: ignore[valid-type]
+        count: int
+
+    llm = ChatOpenAI(base_url=demo_server.base_url, api_key="x", model="demo-shapes", temperature=0,
+                     max_tokens=MAX_TOKENS, max_retries=0)
+    structured = llm.with_structured_output(ShapeAnswer, method="json_schema", strict=True)
+    messages_for = _demo_accuracy().messages_for
+    samples = json_samples[:JSON_PARSE_N]
+    right = sum(structured.invoke(messages_for(s)).model_dump() == json.loads(s.answer) for s in samples)
+    assert right >= len(samples) - 1, f"{right}/{len(samples)} right"
+
+    client = openai.OpenAI(base_url=demo_server.base_url, api_key="x", max_retries=0)
+    tools = [{"type": "function", "function": {"name": "report_shape", "strict": True, "parameters": {
+        "type": "object", "additionalProperties": False, "required": ["shape"],
+        "properties": {"shape": {"enum": list(SHAPES)}}}}}]
+    with client.chat.completions.stream(model="demo-shapes", messages=messages_for(samples[0]), tools=tools,
+                                        tool_choice="required", parallel_tool_calls=False, temperature=0) as stream:
+        final = stream.get_final_completion()
+    call = final.choices[0].message.tool_calls[0]
+    assert final.choices[0].finish_reason == "tool_calls" and call.function.name == "report_shape"
+    assert json.loads(call.function.arguments)["shape"] in SHAPES
