@@ -82,11 +82,10 @@ def parse_chat_request(body: Any, *, vocab_size: int) -> ChatRequest:
     if tools is not None and schema is not None:
         raise InvalidRequestError("response_format json_object / json_schema together with tools is not supported "
                                   "yet", param="response_format", code="unsupported_parameter")
-    if tools is not None and body.get("logprobs"):
+    params = SamplingParams.from_request(body, vocab_size=vocab_size)
+    if tools is not None and params.logprobs:
         raise InvalidRequestError("logprobs together with tools is not supported yet", param="logprobs",
                                   code="unsupported_parameter")
-
-    params = SamplingParams.from_request(body, vocab_size=vocab_size)
     return ChatRequest(messages=messages, model=model, stream=stream, include_usage=include_usage, params=params,
                        tools=tools, schema=schema)
 

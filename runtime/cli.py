@@ -154,7 +154,7 @@ def _positive(kind: type):
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not value > 0 or value != value or value == float("inf"):
+        if value is None or not 0 < value < float("inf"):  # NaN compares false: refused too
             raise argparse.ArgumentTypeError(f"{text!r} is not a positive {kind.__name__}")
         return value
 

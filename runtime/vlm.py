@@ -41,7 +41,7 @@ class VisionLanguageModel:
         self.tokenizer = Tokenizer.from_file(str(package.tokenizer_path))
         tokens = package.tokens
         self.eos_token_ids = tuple(tokens["eos_token_ids"])
-        self._grammars: Grammars | InvalidRequestError | None = None
+        self._grammars: Grammars | str | None = None  # built on first use; a str says why it cannot be
         self._grammars_lock = threading.Lock()
         self.engine = Engine(package, device=device, threads=threads)
         self.template = ChatTemplate(package.chat_template, tokens.get("special_tokens"))
@@ -66,11 +66,10 @@ class VisionLanguageModel:
                 try:
                     self._grammars = Grammars(self.tokenizer, self.eos_token_ids)
                 except Exception as exc:  # llguidance cannot index this tokenizer: say so on every JSON request
-                    self._grammars = InvalidRequestError(
-                        f"response_format json_object / json_schema is not available for this model: its tokenizer "
-                        f"cannot be indexed for constrained decoding ({exc})", param="response_format")
-            if isinstance(self._grammars, Exception):
-                raise self._grammars
+                    self._grammars = f"its tokenizer cannot be indexed for constrained decoding ({exc})"
+            if isinstance(self._grammars, str):  # a new error each time: re-raising one would grow its traceback
+                raise InvalidRequestError("response_format json_object / json_schema is not available for this "
+                                          f"model: {self._grammars}", param="response_format")
             return self._grammars
 
     @classmethod
