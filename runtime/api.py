@@ -56,7 +56,8 @@ def parse_json(raw: bytes) -> Any:
         raise InvalidRequestError(f"the request body is not usable JSON: {exc}") from None
 
 
-def parse_chat_request(body: Any, *, vocab_size: int) -> ChatRequest:
+def parse_chat_request(body: Any, *, vocab_size: int, defaults: Mapping[str, Any] | None = None) -> ChatRequest:
+    """`defaults`: the model package's sampling defaults, for the fields the request leaves out."""
     if not isinstance(body, Mapping):
         raise InvalidRequestError("the request body must be a JSON object")
     messages = body.get("messages")
@@ -82,7 +83,7 @@ def parse_chat_request(body: Any, *, vocab_size: int) -> ChatRequest:
     if tools is not None and schema is not None:
         raise InvalidRequestError("response_format json_object / json_schema together with tools is not supported "
                                   "yet", param="response_format", code="unsupported_parameter")
-    params = SamplingParams.from_request(body, vocab_size=vocab_size)
+    params = SamplingParams.from_request(body, vocab_size=vocab_size, defaults=defaults)
     if tools is not None and params.logprobs:
         raise InvalidRequestError("logprobs together with tools is not supported yet", param="logprobs",
                                   code="unsupported_parameter")
@@ -98,12 +99,13 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int, image_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, image_tokens: int, cached_tokens: int = 0) -> dict:
+    """`cached_tokens`: prompt tokens whose KV cache was reused from an earlier request (not run again)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0, "image_tokens": image_tokens},
+        "prompt_tokens_details": {"cached_tokens": cached_tokens, "image_tokens": image_tokens},
     }
 
 

@@ -117,7 +117,7 @@ def _run_chat(args) -> int:
         start = time.perf_counter()
         model = VisionLanguageModel.load(_resolve_model(args.model), device=args.device, threads=args.threads)
         loaded = time.perf_counter()
-        prompt = model.prepare(messages)
+        prompt = model.prepare(messages, params)
         first = None
         count = 0
         for step in model.generate(prompt, params):
@@ -162,10 +162,11 @@ def _positive(kind: type):
 
 
 def _add_serve(subparsers) -> None:
-    from .limits import ServerLimits
+    from .limits import EngineConfig, ServerLimits
 
     config = ServerLimits()
     images = config.images
+    engine = EngineConfig()
     p = subparsers.add_parser("serve", help="serve a model over the OpenAI Chat Completions API",
                               description="Serve POST /v1/chat/completions (streaming and not), GET /v1/models, "
                                           "GET /health and GET /openapi.json. Sizes are in MB of 10^6 bytes and "
@@ -191,7 +192,6 @@ def _add_serve(subparsers) -> None:
         ("--max-n", int, config.max_n, "choices (n) per request"),
         ("--max-request-tokens", int, None,
          "n × max_tokens per request (default: the model's context length)"),
-        ("--max-kv-mb", float, config.max_kv_bytes / 1e6, "KV cache of one request, all choices, in MB"),
         ("--max-images", int, images.max_images, "images per request"),
         ("--max-image-mb", float, images.max_bytes / 1e6, "one image's encoded (file) size, in MB"),
         ("--max-image-mp", float, images.max_pixels / 1e6, "one image's decoded size, in megapixels"),
@@ -200,13 +200,24 @@ def _add_serve(subparsers) -> None:
     ):
         shown = "" if default is None else f" (default {default:g})"
         limits.add_argument(flag, type=_positive(kind), default=default, help=text + shown)
+    group = p.add_argument_group("engine", "what the engine runs at once and holds (README: Concurrency)")
+    group.add_argument("--max-batch", type=_positive(int), default=engine.max_batch,
+                       help=f"sequences (choices of all requests) decoded together: KV slots (default "
+                            f"{engine.max_batch})")
+    group.add_argument("--kv-budget-mb", "--max-kv-mb", dest="kv_budget_mb", type=_positive(float),
+                       default=engine.kv_budget_bytes / 1e6,
+                       help="the KV cache of all slots, in MB; each slot holds budget / max-batch positions "
+                            f"(default {engine.kv_budget_bytes / 1e6:g})")
+    group.add_argument("--image-cache-mb", type=_positive(float), default=engine.image_cache_bytes / 1e6,
+                       help="image features kept for later questions about the same image, in MB (default "
+                            f"{engine.image_cache_bytes / 1e6:g})")
     p.set_defaults(func=_run_serve)
 
 
 def _run_serve(args) -> int:
     import asyncio
 
-    from .limits import ImageLimits, ServerLimits
+    from .limits import EngineConfig, ImageLimits, ServerLimits
     from .package import ModelPackage
     from .server import ServerConfig, serve
 
@@ -220,12 +231,14 @@ def _run_serve(args) -> int:
         max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 1e6),
         max_pending_body_bytes=int(args.max_pending_body_mb * 1e6), read_timeout=args.read_timeout,
         write_timeout=args.write_timeout, shutdown_timeout=args.shutdown_timeout, max_n=args.max_n,
-        max_request_tokens=args.max_request_tokens, max_kv_bytes=int(args.max_kv_mb * 1e6),
+        max_request_tokens=args.max_request_tokens,
         images=ImageLimits(max_images=args.max_images, max_bytes=int(args.max_image_mb * 1e6),
                            max_pixels=int(args.max_image_mp * 1e6),
                            max_request_pixels=int(args.max_request_image_mp * 1e6)))
     config = ServerConfig(model_path=path, host=args.host, port=args.port, api_key=args.api_key or None,
-                          device=args.device, threads=args.threads, limits=limits)
+                          device=args.device, threads=args.threads, limits=limits,
+                          engine=EngineConfig(max_batch=args.max_batch, kv_budget_bytes=int(args.kv_budget_mb * 1e6),
+                                              image_cache_bytes=int(args.image_cache_mb * 1e6)))
     try:
         asyncio.run(serve(config))
     except OSError as exc:  # the port could not be bound: nothing was loaded, nothing said "ready"

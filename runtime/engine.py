@@ -74,6 +74,68 @@ class KVCache:
         return KVCache(keys=[pick(k) for k in self.keys], values=[pick(v) for v in self.values], used=self.used)
 
 
+class Slab:
+    """The fused decoder's KV cache for every running sequence: per layer, one preallocated key buffer and one value
+    buffer of [slots, kv_heads, capacity, head_dim], a slot (row) per sequence.
+
+    A decode step runs the decoder once over a contiguous range of rows [lo, hi) through a zero-copy view of those
+    rows, each row at its own length (GroupQueryAttention's per-row `seqlens_k`); a prefill chunk runs one row the
+    same way. Admitting or retiring a sequence copies nothing: it is a row index. The buffers are zero pages until a
+    row writes them, so resident memory follows the positions actually used. Bindings (the views bound as past and
+    present, and a logits buffer) are made once per row range and reused.
+    """
+
+    def __init__(self, engine: "Engine", slots: int, capacity: int):
+        self.engine, self.slots, self.capacity = engine, slots, capacity
+        shape = (slots, engine.kv_heads, capacity, engine.head_dim)
+        self.keys = [np.zeros(shape, engine._kv_dtype) for _ in range(engine.num_layers)]
+        self.values = [np.zeros(shape, engine._kv_dtype) for _ in range(engine.num_layers)]
+        self._bindings: dict[tuple[int, int], tuple[object, np.ndarray]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+
+    def _binding(self, lo: int, hi: int):
+        found = self._bindings.get((lo, hi))
+        if found is None:
+            engine = self.engine
+            binding = engine.decoder.io_binding()
+            logits = np.empty((hi - lo, 1, engine.package.text["vocab_size"]), np.float32)
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+            for i in range(engine.num_layers):
+                for name, buffer in (("key", self.keys[i]), ("value", self.values[i])):
+                    view = ort.OrtValue.ortvalue_from_numpy(buffer[lo:hi])  # rows lo..hi-1, no copy
+                    binding.bind_ortvalue_input(f"past_key_values.{i}.{name}", view)
+                    binding.bind_ortvalue_output(f"present.{i}.{name}", view)
+            found = self._bindings[(lo, hi)] = (binding, logits)
+        return found
+
+    def run(self, lo: int, inputs_embeds: np.ndarray, past: np.ndarray) -> np.ndarray:
+        """Rows lo .. lo + B - 1 take `inputs_embeds` [B, S, hidden] after their `past` [B] cached positions (S > 1
+        only for one row: GroupQueryAttention prefills one row at a time after a past). → logits [B, vocab] of each
+        row's last new position (a copy)."""
+        batch, seq = inputs_embeds.shape[:2]
+        past = np.asarray(past, dtype=np.int32)
+        if int(past.max()) + seq > self.capacity:
+            raise ContextLengthError(f"a sequence needs {int(past.max()) + seq} positions, more than a KV slot's "
+                                     f"{self.capacity}", param="messages")
+        binding, logits = self._binding(lo, lo + batch)
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
+        binding.bind_cpu_input("seqlens_k", past + (seq - 1))
+        binding.bind_cpu_input("total_sequence_length", np.array(int(past.max()) + seq, dtype=np.int32))
+        engine = self.engine
+        engine.decoder.run_with_iobinding(binding, engine._shrink_arena if seq >= 256 else None)
+        return logits[:, 0].copy()  # the buffer is overwritten by the next run of this range
+
+    def copy(self, source: int, targets: list[int], length: int) -> None:
+        """Give rows `targets` the first `length` positions of row `source` (a request's n choices after their one
+        prefill): a copy within the slab, once per request."""
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[targets, :, :length] = buffer[source, :, :length]
+
+
 def physical_cores() -> int:
     """Physical cores this process may run on (hyper-threads share one core's vector units; onnxruntime's GEMMs
     gain nothing from the second thread of a core and lose to its contention)."""
@@ -188,6 +250,15 @@ class Engine:
                     for i, (values, mask) in enumerate(real_runs)]
         return np.concatenate(features) if len(features) > 1 else features[0]
 
+    def encode_tile(self, pixel_values: np.ndarray, pixel_attention_mask: np.ndarray, *,
+                    last: bool = False) -> np.ndarray:
+        """One tile, [H, W, ...] as `encode_images` takes them with B = N = 1 → [1, image_seq_len, hidden] features;
+        `last`: the last tile of a run of them, after which the arena gives back what the tiles grew."""
+        values = np.asarray(pixel_values, dtype=np.float32).reshape(1, 1, *pixel_values.shape[-3:])
+        mask = np.asarray(pixel_attention_mask, dtype=bool).reshape(1, 1, *pixel_attention_mask.shape[-2:])
+        return self.vision.run(None, {"pixel_values": values, "pixel_attention_mask": mask},
+                               self._shrink_arena if last else None)[0]
+
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         (embeds,) = self.embed_tokens.run(None, {"input_ids": np.asarray(input_ids, dtype=np.int64)})
         return embeds
@@ -213,6 +284,12 @@ class Engine:
     def logits_all_positions(self) -> bool:
         """Whether `forward` returns logits for every new position (portable) or the last one only (fused)."""
         return self.decoder_form == "portable"
+
+    def slab(self, slots: int, capacity: int) -> Slab:
+        """KV buffers for `slots` sequences of up to `capacity` positions each (fused decoder only)."""
+        if self.decoder_form != "fused":
+            raise PackageError("a KV slab needs the fused decoder form")
+        return Slab(self, slots, min(capacity, self.max_kv_length))
 
     def empty_cache(self, batch: int = 1) -> KVCache:
         return self._allocate_cache(batch, 0)

@@ -81,6 +81,14 @@ def _payload(source: str, index: int) -> str:
     return s
 
 
+def image_payload(source, index: int = 1) -> str:
+    """The base64 text of one client image (data URI or bare base64), checked as `decode_image` checks it first:
+    what the image cache keys on, without decoding anything."""
+    if not isinstance(source, str):
+        raise _error(index, f"expected a base64 string, got {type(source).__name__}")
+    return _payload(source, index)
+
+
 def _b64decode(text: str, index: int, limits: ImageLimits) -> bytes:
     data = "".join(text.split()).translate(_URL_SAFE)
     if not data:

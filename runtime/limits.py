@@ -39,10 +39,21 @@ class ServerLimits:
     read_timeout: float = 30.0  # seconds for a request body to arrive (408)
     write_timeout: float = 30.0  # seconds a write may wait on a client that does not read; then it is dropped
     shutdown_timeout: float = 10.0  # seconds running requests get to finish after SIGTERM / SIGINT
-    max_n: int = 16  # choices per request
+    max_n: int = 8  # choices per request (at most the engine's --max-batch slots)
     max_request_tokens: int | None = None  # n × max_tokens per request; None: the model's context length
-    max_kv_bytes: int = 1_000_000_000  # one request's KV cache, all its choices
     images: ImageLimits = field(default_factory=ImageLimits)
+
+    def __post_init__(self):
+        _check_positive(self)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the engine runs at once and holds: fixed at load, whatever the requests."""
+
+    max_batch: int = 8  # KV slots: sequences (choices of any requests) decoded together
+    kv_budget_bytes: int = 1_000_000_000  # the KV slab of all slots; each holds budget / max_batch positions
+    image_cache_bytes: int = 200_000_000  # image features kept for later questions about the same image
 
     def __post_init__(self):
         _check_positive(self)

@@ -190,15 +190,17 @@ class SamplingParams:
         return self
 
     @classmethod
-    def from_request(cls, body: Mapping[str, Any], *, vocab_size: int | None = None) -> SamplingParams:
-        """Read the sampling fields of a parsed Chat Completions body; absent or null fields take OpenAI's defaults.
+    def from_request(cls, body: Mapping[str, Any], *, vocab_size: int | None = None,
+                     defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        """Read the sampling fields of a parsed Chat Completions body; absent or null fields take `defaults` (the
+        model package's: temperature, top_p, penalties), then OpenAI's defaults.
 
         ``max_completion_tokens`` (OpenAI's newer name) is accepted as well as ``max_tokens`` and wins when both
         are given. Other fields of the body are ignored.
         """
         if not isinstance(body, Mapping):
             raise InvalidRequestError("the request body must be a JSON object")
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(defaults or {})
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", "seed", "n",
                      "stop", "logprobs", "top_logprobs"):
             if body.get(name) is not None:

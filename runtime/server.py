@@ -1,14 +1,17 @@
-"""The OpenAI-compatible HTTP server (aiohttp): /v1/chat/completions, /v1/models, /health, /openapi.json.
+"""The OpenAI-compatible HTTP server (aiohttp): /v1/chat/completions, /v1/models, /health, /metrics, /openapi.json.
 
-The event loop only parses, admits and writes; everything that computes (image decoding, the vision encoder,
-decoding) runs on one worker thread, because onnxruntime already uses every core for one request.
+The event loop only parses, admits and writes. Checking a request's messages and decoding its images run on one
+preparing thread; the model's engine thread (scheduler.py) runs the vision encoder and the decoder for every
+request at once, batched. The server talks to the model through `VisionLanguageModel`: prepare, submit, and the
+events it sends back (Steps, an error, JobEnd).
 
 Whatever a client sends, or fails to read, what the server holds for it is bounded (README: "Limits"):
 - admission is decided before a body is read: requests running or waiting (`max_queue`) and the bytes of their
   bodies (`max_pending_body_bytes`) → 429; a declared body over `max_body_bytes` → 413 unread; a body that has
   not arrived after `read_timeout` → 408;
-- a request's cost: `n` ≤ `max_n`, n × max_tokens ≤ `max_request_tokens`, its KV cache ≤ `max_kv_bytes` → 400;
-  the prompt's text and images are checked before the work they cost (`VisionLanguageModel.prepare`);
+- a request's cost: `n` ≤ `max_n` and ≤ the engine's `max_batch` slots, n × max_tokens ≤ `max_request_tokens`, a
+  prompt plus max_tokens within one KV slot → 400; the prompt's text and images are checked before the work they
+  cost (`VisionLanguageModel.prepare`); the engine's KV slab and image cache are fixed in size (EngineConfig);
 - a client that stops reading: a write still blocked after `write_timeout` drops the connection and cancels its
   generation within a step.
 Endings are honest: a stream cut short (shutdown, an internal error) ends with an error event before
@@ -40,7 +43,8 @@ from . import api, memory, openapi, tools
 from .errors import Cancelled, EdgeVLMError, InvalidRequestError
 from .limits import ServerLimits
 from .sampling import SamplingParams
-from .vlm import VisionLanguageModel
+from .vlm import EngineConfig, JobEnd, VisionLanguageModel
+from . import metrics as metrics_format
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class ServerConfig:
     device: str = "cpu"
     threads: int | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 @dataclass
@@ -75,6 +80,12 @@ class ServerState:
 
     def __post_init__(self):
         self.idle.set()
+
+    def count(self, outcome: str) -> None:
+        """One request ended as `outcome` (completed, cancelled, failed or rejected): /health and /metrics."""
+        setattr(self, outcome, getattr(self, outcome) + 1)
+        if self.model is not None:
+            self.model.metrics.requests.labels(outcome).inc()
 
     def counters(self) -> dict:
         return {"requests": self.in_flight, "admitted": self.admitted, "completed": self.completed,
@@ -197,9 +208,10 @@ def make_app(config: ServerConfig, *, loader: Callable[[], VisionLanguageModel] 
                           client_max_size=config.limits.max_body_bytes)
     app[CONFIG] = config
     app[STATE] = ServerState(created=api.now())
-    app[WORKER] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgevlm-worker")
+    app[WORKER] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgevlm-prepare")
     load = loader or (lambda: VisionLanguageModel.load(config.model_path, device=config.device,
-                                                       threads=config.threads, image_limits=config.limits.images))
+                                                       threads=config.threads, image_limits=config.limits.images,
+                                                       engine_config=config.engine))
 
     async def start_loading(app: web.Application) -> None:
         state = app[STATE]
@@ -224,6 +236,8 @@ def make_app(config: ServerConfig, *, loader: Callable[[], VisionLanguageModel] 
 
     async def cleanup(app: web.Application) -> None:
         app[WORKER].shutdown(wait=True, cancel_futures=True)
+        if app[STATE].model is not None:
+            app[STATE].model.close()
 
     app.on_startup.append(start_loading)
     app.on_shutdown.append(shutdown)
@@ -233,6 +247,7 @@ def make_app(config: ServerConfig, *, loader: Callable[[], VisionLanguageModel] 
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/openapi.json", openapi_json)
+    app.router.add_get("/metrics", metrics)
     return app
 
 
@@ -244,6 +259,12 @@ async def health(request: web.Request) -> web.Response:
     if state.draining:
         return web.json_response({"status": "draining", "model": state.model.name, **state.counters()}, status=503)
     return web.json_response({"status": "ok", "model": state.model.name, **state.counters()})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format: requests by outcome, latency histograms, throughput, slots and caches (README)."""
+    model = _ready_model(request)
+    return web.Response(body=model.metrics.render(), headers={"Content-Type": metrics_format.CONTENT_TYPE})
 
 
 async def openapi_json(request: web.Request) -> web.Response:
@@ -285,11 +306,11 @@ class _Admission:
     def __enter__(self):
         state, limits = self.state, self.limits
         if state.in_flight >= limits.max_queue:
-            state.rejected += 1
+            state.count("rejected")
             raise _Busy(f"the server is busy ({limits.max_queue} requests running or waiting); retry shortly")
         # One body within --max-body-mb is always admitted on an idle server, whatever the pending budget.
         if state.in_flight and state.body_bytes + self.body_bytes > limits.max_pending_body_bytes:
-            state.rejected += 1
+            state.count("rejected")
             raise _Busy(f"the server is busy ({state.body_bytes / 1e6:.1f} MB of request bodies in progress, limit "
                         f"{limits.max_pending_body_bytes / 1e6:g} MB); retry shortly")
         state.in_flight += 1
@@ -302,45 +323,29 @@ class _Admission:
         state = self.state
         cut = exc_type is not None and issubclass(exc_type, (Cancelled, asyncio.CancelledError))
         outcome = self.outcome or ("cancelled" if cut else "failed")
-        setattr(state, outcome, getattr(state, outcome) + 1)
+        state.count(outcome)
         state.in_flight -= 1
         state.body_bytes -= self.body_bytes
         if not state.in_flight:
             state.idle.set()
 
 
-class _Budget:
-    """What one request may cost under the server's limits: checked at parse time, then once its prompt's
-    length is known (before the vision encoder runs), which also settles each choice's max_tokens."""
-
-    def __init__(self, params: SamplingParams, limits: ServerLimits, model: VisionLanguageModel):
-        self.n, self.requested = params.n, params.max_tokens
-        self.context = model.engine.context_length
-        self.total = limits.max_request_tokens or self.context
-        self.kv_per_token, self.max_kv = model.engine.kv_bytes_per_token, limits.max_kv_bytes
-        self.max_tokens: int | None = None
-        if self.n > limits.max_n:
-            raise InvalidRequestError(f"Invalid 'n': {self.n} choices exceed this server's limit of "
-                                      f"{limits.max_n} (edgevlm serve --max-n)", param="n")
-        if self.n * (self.requested or 1) > self.total:
-            raise InvalidRequestError(
-                f"Invalid 'max_tokens': n × max_tokens = {self.n} × {self.requested or 1} = "
-                f"{self.n * (self.requested or 1)} completion tokens exceed this server's limit of {self.total} per "
-                "request (edgevlm serve --max-request-tokens)", param="max_tokens" if self.requested else "n")
-
-    def __call__(self, prompt_tokens: int) -> None:
-        tokens = min(self.requested or self.total // self.n, self.context - prompt_tokens)
-        positions = self.max_kv // (self.kv_per_token * self.n)  # what each choice's KV rows may hold
-        if prompt_tokens + tokens > positions:
-            if self.requested is not None or positions - prompt_tokens < 1:
-                need = self.n * (prompt_tokens + tokens) * self.kv_per_token
-                raise InvalidRequestError(
-                    f"this request needs {need / 1e6:.0f} MB of KV cache ({self.n} × ({prompt_tokens} prompt + "
-                    f"{tokens} completion tokens)); this server's limit is {self.max_kv / 1e6:g} MB "
-                    "(edgevlm serve --max-kv-mb)",
-                    param="max_tokens" if self.requested is not None else "n" if self.n > 1 else "messages")
-            tokens = positions - prompt_tokens  # max_tokens was left to us: as many as the budget holds
-        self.max_tokens = tokens
+def _check_cost(params: SamplingParams, limits: ServerLimits, model: VisionLanguageModel) -> None:
+    """What one request may ask for under the server's limits, checked as soon as it is parsed (its prompt's size
+    is checked once known, by `Scheduler.plan`)."""
+    n, requested = params.n, params.max_tokens
+    if n > limits.max_n:
+        raise InvalidRequestError(f"Invalid 'n': {n} choices exceed this server's limit of {limits.max_n} "
+                                  "(edgevlm serve --max-n)", param="n")
+    total = limits.max_request_tokens or model.context_length
+    if n * (requested or 1) > total:
+        raise InvalidRequestError(
+            f"Invalid 'max_tokens': n × max_tokens = {n} × {requested or 1} = {n * (requested or 1)} completion "
+            f"tokens exceed this server's limit of {total} per request (edgevlm serve --max-request-tokens)",
+            param="max_tokens" if requested else "n")
+    if n > model.max_batch:
+        raise InvalidRequestError(f"Invalid 'n': {n} choices need {n} KV slots; this server runs at most "
+                                  f"{model.max_batch} sequences at once (edgevlm serve --max-batch)", param="n")
 
 
 async def _read_body(request: web.Request, limits: ServerLimits) -> bytes:
@@ -360,30 +365,23 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     model = _ready_model(request)
     state, limits = request.app[STATE], request.app[CONFIG].limits
     if state.draining:
-        state.rejected += 1
+        state.count("rejected")
         raise _ShuttingDown()
     declared = request.content_length
     if declared is not None and declared > limits.max_body_bytes:
-        state.rejected += 1
+        state.count("rejected")
         raise _TooLarge(limits.max_body_bytes)
     with _Admission(state, limits, limits.max_body_bytes if declared is None else declared) as admission:
         body = api.parse_json(await _read_body(request, limits))
-        chat = api.parse_chat_request(body, vocab_size=model.package.text["vocab_size"])
-        budget = _Budget(chat.params, limits, model)
-        return await _complete(request, model, chat, budget, admission)
+        chat = api.parse_chat_request(body, vocab_size=model.vocab_size, defaults=model.defaults.values)
+        _check_cost(chat.params, limits, model)
+        return await _complete(request, model, chat, admission)
 
 
-def _cut(state: ServerState) -> Cancelled:
-    """The error for an answer that stopped before its end: shutdown, or a client that went away."""
-    if state.stopping.is_set():
-        return _ShuttingDown("the server is shutting down: this answer was cut short")
-    return Cancelled("the generation was cancelled")
-
-
-async def _complete(request: web.Request, model: VisionLanguageModel, chat: api.ChatRequest, budget: _Budget,
+async def _complete(request: web.Request, model: VisionLanguageModel, chat: api.ChatRequest,
                     admission: _Admission) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
-    state, worker = request.app[STATE], request.app[WORKER]
+    state, config, worker = request.app[STATE], request.app[CONFIG], request.app[WORKER]
     cancel = threading.Event()
     transport = request.transport
 
@@ -401,154 +399,164 @@ async def _complete(request: web.Request, model: VisionLanguageModel, chat: api.
         try:
             if schema is not None:  # an unenforceable schema is a 400 before any image is decoded
                 model.grammars.compile(schema)
-            return model.prepare(messages, check_prompt=budget, cancelled=cancelled)
+            return model.prepare(messages, chat.params, max_request_tokens=config.limits.max_request_tokens,
+                                 cancelled=cancelled)
         finally:
             memory.release()  # a large image's pixels go back to the system, not just to malloc
 
     prompt = await loop.run_in_executor(worker, prepare)
-    request_id, created = api.completion_id(), api.now()
-    name = chat.model or model.name
-    if chat.stream:
-        return await _stream(request, model, chat, prompt, budget.max_tokens, schema, cancel, cancelled, admission,
-                             request_id, created, name)
+    events: asyncio.Queue = asyncio.Queue()
 
-    def run() -> list:
+    def emit(event) -> None:  # called on the engine's thread
         try:
-            return list(model.generate(prompt, chat.params, max_tokens=budget.max_tokens, cancelled=cancelled,
-                                       schema=schema))
-        finally:
-            memory.release()
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the loop closed under us at shutdown: nobody is left to tell
+            pass
 
-    steps = await loop.run_in_executor(worker, run)
-    if len({s.choice for s in steps if s.finish_reason}) < chat.params.n:  # cut short: never sent as an answer
-        admission.outcome = "cancelled"
-        raise _cut(state)
-    admission.outcome = "completed"
-    choices = []
-    for index in range(chat.params.n):
-        own = [s for s in steps if s.choice == index]
-        text, finish_reason = "".join(s.text for s in own), own[-1].finish_reason
-        message = {"role": "assistant", "content": text}
-        if chat.tools:
-            answer = tools.ToolAnswer()
-            answer.feed(text)
-            message, finish_reason = answer.message(), answer.finish_reason(finish_reason)
-        choice = {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": None}
-        if chat.params.logprobs:
-            choice["logprobs"] = {"content": [_logprob(model, s, chat.params.top_logprobs) for s in own]}
-        choices.append(choice)
-    return web.json_response({
-        "id": request_id, "object": "chat.completion", "created": created, "model": name,
-        "system_fingerprint": state.fingerprint, "choices": choices,
-        "usage": api.usage(len(prompt.input_ids), len(steps), prompt.image_tokens),
-    })
+    try:
+        model.submit(prompt, chat.params, emit, schema=schema, cancelled=cancelled)
+        answer = _Answer(request, model, chat, prompt, admission, cancel)
+        if chat.stream:
+            return await answer.stream(events)
+        return await answer.respond(events)
+    except asyncio.CancelledError:
+        cancel.set()  # the client went away: the engine drops the request at its next step
+        raise
+    finally:
+        cancel.set()
 
 
-def _logprob(model: VisionLanguageModel, step, top: int | None) -> dict:
-    text = model.tokenizer.decode([step.token], skip_special_tokens=False)
-    pairs = [(model.tokenizer.decode([t], skip_special_tokens=False), v)
-             for t, v in step.sample.top_logprobs[: top or 0]]
-    return api.logprob_entry(text, step.sample.logprob, pairs)
-
-
-_DONE = object()
+def _cut(state: ServerState) -> Cancelled:
+    """The error for an answer that stopped before its end: shutdown, or a client that went away."""
+    if state.stopping.is_set():
+        return _ShuttingDown("the server is shutting down: this answer was cut short")
+    return Cancelled("the generation was cancelled")
 
 
 class _Stalled(Exception):
     """A write waited longer than --write-timeout: the client stopped reading."""
 
 
-async def _stream(request, model, chat, prompt, max_tokens, schema, cancel, cancelled, admission, request_id,
-                  created, name) -> web.StreamResponse:
-    loop = asyncio.get_running_loop()
-    state, config, worker = request.app[STATE], request.app[CONFIG], request.app[WORKER]
-    events: asyncio.Queue = asyncio.Queue()
+class _Answer:
+    """One request's answer, from the engine's events (Steps, an exception, then JobEnd) to the HTTP response."""
 
-    def emit(event) -> None:
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-        except RuntimeError:  # the loop closed under us at shutdown: nobody is left to tell
-            pass
+    def __init__(self, request, model, chat, prompt, admission, cancel: threading.Event):
+        self.request, self.model, self.chat, self.prompt, self.admission = request, model, chat, prompt, admission
+        self.cancel = cancel
+        self.state = request.app[STATE]
+        self.id, self.created = api.completion_id(), api.now()
+        self.name = chat.model or model.name
 
-    def run() -> None:
-        try:
-            for step in model.generate(prompt, chat.params, max_tokens=max_tokens, cancelled=cancelled,
-                                       schema=schema):
-                emit(step)
-        except Exception as exc:  # sent to the client as an error event; the server keeps serving
-            emit(exc)
-        finally:
-            memory.release()
-            emit(_DONE)
+    def _logprob(self, step) -> dict:
+        token_text = self.model.token_text
+        return api.logprob_entry(token_text(step.token), step.sample.logprob,
+                                 [(token_text(t), v) for t, v in step.sample.top_logprobs[: self.chat.params.top_logprobs or 0]])
 
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
-    await response.prepare(request)
+    def _usage(self, completion_tokens: int, end: JobEnd) -> dict:
+        return api.usage(len(self.prompt.input_ids), completion_tokens, self.prompt.image_tokens, end.cached_tokens)
 
-    async def send(data: bytes) -> None:
-        try:
-            await asyncio.wait_for(response.write(data), config.limits.write_timeout)
-        except asyncio.TimeoutError:
-            raise _Stalled from None
-
-    def chunk(choices, usage=None) -> bytes:
-        payload = api.chunk(request_id, created, name, state.fingerprint, choices, usage)
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
-
-    job = loop.run_in_executor(worker, run)
-    completion_tokens, finished, error = 0, set(), None
-    answers = [tools.ToolAnswer() for _ in range(chat.params.n)] if chat.tools else None
-    try:
-        for index in range(chat.params.n):
-            await send(chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
-                               "logprobs": None, "finish_reason": None}]))
-        while (event := await events.get()) is not _DONE:
+    async def respond(self, events: asyncio.Queue) -> web.Response:
+        chat, state, steps, error = self.chat, self.state, [], None
+        while not isinstance(event := await events.get(), JobEnd):
             if isinstance(event, Exception):
-                if not isinstance(event, EdgeVLMError):
-                    logger.error("generation failed", exc_info=event)
-                error = event if isinstance(event, EdgeVLMError) else EdgeVLMError("generation failed")
-                continue
-            completion_tokens += 1
-            logprobs = None
-            if chat.params.logprobs:
-                logprobs = {"content": [_logprob(model, event, chat.params.top_logprobs)]}
-            deltas = [{"content": event.text}] if event.text or logprobs else []
-            if answers is not None:
-                try:
-                    deltas = answers[event.choice].feed(event.text)
-                except ValueError:  # output off the generic format (the grammar should make it impossible)
-                    logger.exception("unreadable tool-call output")
-                    error, deltas = EdgeVLMError("the model's tool-call output could not be read"), []
-                    cancel.set()
-            for delta in deltas:
-                await send(chunk([{"index": event.choice, "delta": delta, "logprobs": logprobs,
-                                   "finish_reason": None}]))
-            if event.finish_reason:
-                finished.add(event.choice)
-                finish_reason = (answers[event.choice].finish_reason(event.finish_reason) if answers is not None
-                                 else event.finish_reason)
-                await send(chunk([{"index": event.choice, "delta": {}, "logprobs": None,
-                                   "finish_reason": finish_reason}]))
-        if error is None and len(finished) < chat.params.n:
-            error = _cut(state)  # it stopped before every choice ended: say so, never end it like an answer
+                error = event
+            else:
+                steps.append(event)
         if error is not None:
-            await send(f"data: {json.dumps(error.to_dict())}\n\n".encode())
-        elif chat.include_usage:
-            await send(chunk([], api.usage(len(prompt.input_ids), completion_tokens, prompt.image_tokens)))
-        await send(b"data: [DONE]\n\n")
-        admission.outcome = ("completed" if error is None else
-                             "cancelled" if isinstance(error, Cancelled) else "failed")
-    except (_Stalled, ConnectionError):  # the client went away or stopped reading: free its place and cache
-        cancel.set()
-        admission.outcome = "cancelled"
-        if request.transport is not None:
-            request.transport.abort()  # drop what it never read
+            raise error
+        if len({s.choice for s in steps if s.finish_reason}) < chat.params.n:  # cut short: never sent as an answer
+            self.admission.outcome = "cancelled"
+            raise _cut(state)
+        self.admission.outcome = "completed"
+        choices = []
+        for index in range(chat.params.n):
+            own = [s for s in steps if s.choice == index]
+            text, finish_reason = "".join(s.text for s in own), own[-1].finish_reason
+            message = {"role": "assistant", "content": text}
+            if chat.tools:
+                answer = tools.ToolAnswer()
+                answer.feed(text)
+                message, finish_reason = answer.message(), answer.finish_reason(finish_reason)
+            choice = {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": None}
+            if chat.params.logprobs:
+                choice["logprobs"] = {"content": [self._logprob(s) for s in own]}
+            choices.append(choice)
+        return web.json_response({
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.name,
+            "system_fingerprint": state.fingerprint, "choices": choices, "usage": self._usage(len(steps), event),
+        })
+
+    async def stream(self, events: asyncio.Queue) -> web.StreamResponse:
+        request, chat, state = self.request, self.chat, self.state
+        write_timeout = request.app[CONFIG].limits.write_timeout
+        # The status is decided by the first event: a request that fails or is cut before its first token (while
+        # it waits for a slot, or in its prefill) gets an error status, not a stream.
+        first = await events.get()
+        if isinstance(first, Exception):
+            raise first
+        if isinstance(first, JobEnd):
+            raise _cut(state)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+
+        async def send(data: bytes) -> None:
+            try:
+                await asyncio.wait_for(response.write(data), write_timeout)
+            except asyncio.TimeoutError:
+                raise _Stalled from None
+
+        def chunk(choices, usage=None) -> bytes:
+            payload = api.chunk(self.id, self.created, self.name, state.fingerprint, choices, usage)
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+
+        completion_tokens, finished, error = 0, set(), None
+        answers = [tools.ToolAnswer() for _ in range(chat.params.n)] if chat.tools else None
+        try:
+            for index in range(chat.params.n):
+                await send(chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+                                   "logprobs": None, "finish_reason": None}]))
+            event = first
+            while not isinstance(event, JobEnd):
+                if isinstance(event, Exception):
+                    error = event if isinstance(event, EdgeVLMError) else EdgeVLMError("generation failed")
+                    event = await events.get()
+                    continue
+                completion_tokens += 1
+                logprobs = {"content": [self._logprob(event)]} if chat.params.logprobs else None
+                deltas = [{"content": event.text}] if event.text or logprobs else []
+                if answers is not None:
+                    try:
+                        deltas = answers[event.choice].feed(event.text)
+                    except ValueError:  # output off the generic format (the grammar should make it impossible)
+                        logger.exception("unreadable tool-call output")
+                        error, deltas = EdgeVLMError("the model's tool-call output could not be read"), []
+                        self.cancel.set()
+                for delta in deltas:
+                    await send(chunk([{"index": event.choice, "delta": delta, "logprobs": logprobs,
+                                       "finish_reason": None}]))
+                if event.finish_reason:
+                    finished.add(event.choice)
+                    finish_reason = (answers[event.choice].finish_reason(event.finish_reason) if answers is not None
+                                     else event.finish_reason)
+                    await send(chunk([{"index": event.choice, "delta": {}, "logprobs": None,
+                                       "finish_reason": finish_reason}]))
+                event = await events.get()
+            if error is None and len(finished) < chat.params.n:
+                error = _cut(state)  # it stopped before every choice ended: say so, never end it like an answer
+            if error is not None:
+                await send(f"data: {json.dumps(error.to_dict())}\n\n".encode())
+            elif chat.include_usage:
+                await send(chunk([], self._usage(completion_tokens, event)))
+            await send(b"data: [DONE]\n\n")
+            self.admission.outcome = ("completed" if error is None else
+                                      "cancelled" if isinstance(error, Cancelled) else "failed")
+        except (_Stalled, ConnectionError):  # the client went away or stopped reading: free its place and slots
+            self.cancel.set()
+            self.admission.outcome = "cancelled"
+            if request.transport is not None:
+                request.transport.abort()  # drop what it never read
         return response
-    except asyncio.CancelledError:
-        cancel.set()
-        raise
-    await job
-    return response
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -1,42 +1,42 @@
-"""A loaded model: OpenAI messages in, prompt ids and image features out, then a stream of `Step`s.
+"""A loaded model: the narrow interface the server, the CLI and embedding code use.
 
-request messages ─► convert_messages ─► chat template ─► images (base64 → RGB) ─► preprocessing (tiles)
-                 ─► image-token layout ─► token ids ─► vision encoder ─► generate (prefill + decode steps)
+request messages ─► convert_messages ─► chat template ─► images (base64 → RGB, or the feature cache) ─► fit
+                 ─► image-token layout ─► token ids ─► plan (the request's size, checked once) ─► Prompt
+Prompt + sampling ─► submit ─► the engine's thread (scheduler.py: vision tiles, chunked prefill, batched decode)
+                 ─► Steps, then JobEnd, delivered to the caller's `emit`; `generate` wraps that in an iterator.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from .cache import FeatureCache, image_key
 from .engine import Engine
 from .errors import Cancelled, ContextLengthError, InvalidRequestError
-from .generate import Step, generate
+from .generate import Step
 from .grammar import Grammars
-from .images import ImageLimits, check_image_count, iter_images
+from .images import check_image_count, decode_image, image_payload
+from .limits import EngineConfig, ImageLimits
+from .metrics import Metrics
 from .package import ModelPackage
 from .preprocess.idefics3 import Idefics3ImageConfig, fit, preprocess, tile_grid
 from .prompt import ChatTemplate, Idefics3PromptLayout, convert_messages, encode_prompt
 from .sampling import SamplingParams
+from .scheduler import Job, JobEnd, Prompt, PromptImage, Scheduler
 
-
-@dataclass(frozen=True)
-class Prompt:
-    """What the decoder needs for one request: token ids and the features of its images, in order."""
-
-    input_ids: list[int]
-    image_features: np.ndarray | None
-    image_tokens: int  # prompt positions filled by image features (OpenAI's usage.prompt_tokens_details)
+__all__ = ["EngineConfig", "JobEnd", "Prompt", "Step", "VisionLanguageModel"]
 
 
 class VisionLanguageModel:
     def __init__(self, package: ModelPackage, *, device: str = "cpu", threads: int | None = None,
-                 image_limits: ImageLimits = ImageLimits()):
+                 image_limits: ImageLimits = ImageLimits(), engine_config: EngineConfig = EngineConfig()):
         self.package = package
         self.tokenizer = Tokenizer.from_file(str(package.tokenizer_path))
         tokens = package.tokens
@@ -53,8 +53,16 @@ class VisionLanguageModel:
         })
         self.image_config = Idefics3ImageConfig.from_dict(package.image_processor)
         self.image_limits = image_limits
+        self.engine_config = engine_config
         # The most characters one token stands for (81 for SmolVLM's: a newline and 80 spaces), for `_check_length`.
         self.max_token_chars = max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
+        self.metrics = Metrics()
+        self.image_cache = FeatureCache(engine_config.image_cache_bytes)
+        self.defaults = SamplingDefaults(package.generation_defaults)
+        self.scheduler = Scheduler(
+            self.engine, self.tokenizer, self.eos_token_ids, max_batch=engine_config.max_batch,
+            kv_budget_bytes=engine_config.kv_budget_bytes, image_cache=self.image_cache,
+            preprocess=self._pixels, metrics=self.metrics, default_max_tokens=self.defaults.max_tokens)
 
     @property
     def grammars(self) -> Grammars:
@@ -80,44 +88,87 @@ class VisionLanguageModel:
     def name(self) -> str:
         return self.package.name
 
-    def prepare(self, messages: Sequence[Mapping], *, check_prompt: Callable[[int], None] | None = None,
-                cancelled: Callable[[], bool] = lambda: False) -> Prompt:
-        """Validate and render the conversation, decode and encode its images; errors are InvalidRequestError.
+    @property
+    def vocab_size(self) -> int:
+        """Width of the decoder's logits: the ids logit_bias may name."""
+        return self.package.text["vocab_size"]
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.context_length
+
+    @property
+    def max_batch(self) -> int:
+        return self.engine_config.max_batch
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def close(self) -> None:
+        """Stop the engine's thread (requests still inside end cut short)."""
+        self.scheduler.close()
+
+    # ---------------------------------------------------------------------------------------------- requests
+
+    def prepare(self, messages: Sequence[Mapping], params: SamplingParams | None = None, *,
+                max_request_tokens: int | None = None, cancelled: Callable[[], bool] = lambda: False) -> Prompt:
+        """Validate and render the conversation, decode and fit its images; errors are InvalidRequestError.
 
         Each check runs before the work it guards: the text's length against the context before it is tokenized,
-        each image's header before its pixels are decoded, the prompt's token count (and `check_prompt`, the
-        caller's own limits, given that count) before the vision encoder runs. Images are decoded and reduced to
-        the processor's first size one at a time, so one full-size image is held at once, then encoded one image
-        at a time; `cancelled` is checked between images.
+        each image's header before its pixels are decoded, the request's size (`Scheduler.plan`: context, KV slot,
+        `max_request_tokens` = n × max_tokens) before anything is encoded. An image whose features are cached is
+        not decoded at all. Images are decoded and reduced to the processor's first size one at a time, so one
+        full-size image is held at once; the engine encodes them tile by tile.
         """
+        params = params or SamplingParams()
         converted = convert_messages(messages, reserved_text=[self.layout.placeholder])
-        check_image_count(len(converted.images), self.image_limits)
+        limits = self.image_limits
+        check_image_count(len(converted.images), limits)
         text = self.template.render(converted.messages, add_generation_prompt=True)
         self._check_length(text)
-        fitted, grids = [], []
-        for image in iter_images([ref.url for ref in converted.images], self.image_limits):
+        images: list[PromptImage] = []
+        pixels_left = limits.max_request_pixels
+        for index, ref in enumerate(converted.images, 1):
+            if cancelled():
+                raise Cancelled("the request was cancelled while its images were decoded")
             # detail "low" asks for one tile per image; "auto" and "high" use the model's splitting.
-            split = False if converted.images[len(fitted)].detail == "low" else None
-            grids.append(tile_grid(image.width, image.height, self.image_config, do_image_splitting=split))
-            fitted.append((fit(image, self.image_config), split))
+            split = False if ref.detail == "low" else None
+            key = image_key(image_payload(ref.url, index), split)
+            cached = self.image_cache.get(key)
+            if cached is not None:
+                self.metrics.image_hits.inc()
+                images.append(PromptImage(key, cached.grid, _tiles(cached.grid), features=cached.features))
+                continue
+            image = decode_image(ref.url, index, limits, pixels_left=pixels_left)
+            pixels_left -= image.width * image.height
+            grid = tile_grid(image.width, image.height, self.image_config, do_image_splitting=split)
+            images.append(PromptImage(key, grid, _tiles(grid), image=fit(image, self.image_config), split=split))
             del image  # the full-size image goes before the next one is decoded
         bos = self.template.special_tokens.get("bos_token")
-        input_ids = encode_prompt(self.tokenizer, self.layout.expand(text, grids), bos_token=bos)
-        if len(input_ids) >= self.engine.context_length:
-            raise ContextLengthError(
-                f"the prompt is {len(input_ids)} tokens; the model's context of {self.engine.context_length} "
-                "tokens leaves no room for an answer", param="messages")
-        if check_prompt is not None:
-            check_prompt(len(input_ids))
-        features = []
-        for image, split in fitted:
-            if cancelled():
-                raise Cancelled("the request was cancelled while its images were encoded")
-            batch = preprocess([image], self.image_config, do_image_splitting=split, fitted=True)
-            features.append(self.engine.encode_images(batch.pixel_values, batch.pixel_attention_mask))
-        image_tokens = sum(self.layout.num_image_tokens(rows, cols) for rows, cols in grids)
-        return Prompt(input_ids=input_ids, image_features=np.concatenate(features) if features else None,
-                      image_tokens=image_tokens)
+        input_ids = encode_prompt(self.tokenizer, self.layout.expand(text, [i.grid for i in images]), bos_token=bos)
+        max_tokens = self.scheduler.plan(len(input_ids), params.n, params.max_tokens)
+        if params.max_tokens is None:  # left to us: the request's share of max_request_tokens at most
+            max_tokens = min(max_tokens, (max_request_tokens or self.context_length) // params.n)
+        return Prompt(input_ids=input_ids, key=self._prefix_key(input_ids, images), images=images,
+                      image_tokens=sum(self.layout.num_image_tokens(*i.grid) for i in images), max_tokens=max_tokens)
+
+    def _prefix_key(self, input_ids: list[int], images: list[PromptImage]) -> np.ndarray:
+        """The ids with each image token replaced by a negative tag of its image and its place in it: two prompts
+        share a KV prefix only where both their tokens and their images agree."""
+        key = np.asarray(input_ids, dtype=np.int64)
+        positions = np.flatnonzero(key == self.engine.image_token_id)
+        start = 0
+        for image in images:
+            count = image.tiles * self.layout.image_seq_len
+            tag = int(image.key[:15], 16)  # 60 bits of the image's hash
+            key[positions[start:start + count]] = -1 - ((tag + np.arange(count, dtype=np.int64)) % (1 << 62))
+            start += count
+        return key
+
+    def _pixels(self, image: PromptImage) -> tuple[np.ndarray, np.ndarray]:
+        """One prompt image's tiles: [tiles, 3, H, W] float32 pixels and [tiles, H, W] mask (engine thread)."""
+        batch = preprocess([image.image], self.image_config, do_image_splitting=image.split, fitted=True)
+        return batch.pixel_values[0], batch.pixel_attention_mask[0]
 
     def _check_length(self, text: str) -> None:
         """Refuse, before tokenizing it, a text that cannot fit: no token covers more than `max_token_chars`."""
@@ -127,11 +178,51 @@ class VisionLanguageModel:
                 f"the prompt is {len(text)} characters, at least {at_least} tokens; the model's context is "
                 f"{self.engine.context_length} tokens", param="messages")
 
+    def submit(self, prompt: Prompt, params: SamplingParams, emit: Callable[[object], None], *,
+               schema: Mapping | None = None, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Start generating: `emit` gets each `Step` (from the engine's thread), an exception if the request
+        failed, then `JobEnd`. With a JSON `schema` (`grammar.parse_response_format`) the answer follows it;
+        compiling it raises InvalidRequestError here, for one that cannot be enforced."""
+        grammar = self.grammars.compile(schema) if schema is not None else None
+        self.scheduler.submit(Job(prompt, params, emit, grammar=grammar, cancelled=cancelled))
+
     def generate(self, prompt: Prompt, params: SamplingParams, *, max_tokens: int | None = None,
                  cancelled: Callable[[], bool] = lambda: False, schema: Mapping | None = None) -> Iterator[Step]:
-        """The steps of the answer; with a JSON `schema` (`grammar.parse_response_format`) it is constrained to
-        it. Compiling the schema raises InvalidRequestError for one that cannot be enforced."""
-        limit = max_tokens or params.max_tokens or self.package.generation_defaults.get("max_tokens", 512)
-        grammar = self.grammars.compile(schema) if schema is not None else None
-        return generate(self.engine, self.tokenizer, prompt.input_ids, prompt.image_features, params,
-                        max_tokens=limit, eos_token_ids=self.eos_token_ids, cancelled=cancelled, grammar=grammar)
+        """The steps of the answer, as an iterator (in-process use); `max_tokens` (or the params') re-plans the
+        prompt's. Safe from several threads at once: each call is its own request to the engine."""
+        max_tokens = max_tokens or params.max_tokens
+        if max_tokens is not None and max_tokens != prompt.max_tokens:
+            prompt = dataclasses.replace(prompt, max_tokens=self.scheduler.plan(
+                len(prompt.input_ids), params.n, max_tokens))
+        events: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        self.submit(prompt, params, events.put, schema=schema, cancelled=lambda: stop.is_set() or cancelled())
+
+        def steps() -> Iterator[Step]:
+            try:
+                while not isinstance(event := events.get(), JobEnd):
+                    if isinstance(event, Exception):
+                        raise event
+                    if cancelled():  # what the engine made before it saw the cancellation is not shown
+                        return
+                    yield event
+            finally:
+                stop.set()  # an iterator dropped early cancels its request
+
+        return steps()
+
+
+def _tiles(grid: tuple[int, int]) -> int:
+    rows, cols = grid
+    return rows * cols + 1 if rows else 1
+
+
+class SamplingDefaults:
+    """The package's generation defaults (model.json "generation"): they apply where a request is silent, so the
+    order is request > package > OpenAI's defaults (as vLLM does with a model's generation_config)."""
+
+    FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+
+    def __init__(self, generation: Mapping):
+        self.values = {name: generation[name] for name in self.FIELDS if generation.get(name) is not None}
+        self.max_tokens = generation.get("max_tokens")

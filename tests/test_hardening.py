@@ -144,7 +144,7 @@ def test_abandoned_requests_keep_the_health_counters_consistent(start_server):
 
 @pytest.mark.parametrize("body, param, fragment", [
     ({"n": 128, "max_tokens": 500}, "n", "--max-n"),
-    ({"n": 16, "max_tokens": 500}, "max_tokens", "--max-request-tokens"),
+    ({"n": 8, "max_tokens": 500}, "max_tokens", "--max-request-tokens"),
 ])
 def test_a_request_that_would_hold_the_worker_is_refused_at_once(server, body, param, fragment):
     status, _, payload = raw(server, "POST", "/v1/chat/completions", {"messages": HELLO, **body})
@@ -155,17 +155,20 @@ def test_a_request_that_would_hold_the_worker_is_refused_at_once(server, body, p
 
 
 def test_the_kv_cache_budget(start_server, no_eos):
-    # The tiny model's KV cache is 512 bytes a position (2 layers × 2 × 2 heads × 16 × fp32): 0.5 MB holds 976.
-    server = start_server("--max-kv-mb", "0.5")
-    status, _, payload = raw(server, "POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": 1500})
+    # The tiny model's KV cache is 512 bytes a position (2 layers × 2 × 2 heads × 16 × fp32): 0.5 MB holds 976,
+    # 488 for each of two slots.
+    server = start_server("--kv-budget-mb", "0.5", "--max-batch", "2")
+    status, _, payload = raw(server, "POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": 500})
     assert status == 400
     error = error_of(payload)
-    assert error["param"] == "max_tokens" and "--max-kv-mb" in error["message"]
+    assert error["param"] == "max_tokens" and "--kv-budget-mb" in error["message"]
+    status, _, payload = raw(server, "POST", "/v1/chat/completions", {"messages": HELLO, "n": 3})
+    assert status == 400 and error_of(payload)["param"] == "n" and "--max-batch" in error_of(payload)["message"]
     # Left to the server, max_tokens becomes what the budget holds, and the answer says it was cut by length.
     client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
     response = client.chat.completions.create(model="m", messages=HELLO, temperature=0, logit_bias=no_eos)
     assert response.choices[0].finish_reason == "length"
-    assert response.usage.prompt_tokens + response.usage.completion_tokens == 500_000 // 512
+    assert response.usage.prompt_tokens + response.usage.completion_tokens == 500_000 // 512 // 2
 
 
 def test_a_huge_prompt_is_refused_before_it_is_tokenized(start_server):
@@ -308,7 +311,7 @@ def test_shutdown_cuts_a_stream_with_an_error_event_and_never_a_finish(start_ser
 
 
 def test_shutdown_cuts_the_openai_client_and_queued_requests_honestly(start_server, no_eos):
-    server = start_server("--shutdown-timeout", "0.01")
+    server = start_server("--shutdown-timeout", "0.01", "--max-batch", "1")  # one slot: the others wait
     cut = {}
     first_chunk = threading.Event()
 

@@ -15,6 +15,7 @@ import pytest
 
 from edgevlm.export.samples import sample_image
 from edgevlm.runtime.sampling import SamplingParams
+from edgevlm.runtime.generate import Step
 from edgevlm.runtime.vlm import VisionLanguageModel
 
 
@@ -388,11 +389,19 @@ def test_an_error_after_the_stream_started_is_one_error_event(tiny_package):
     from edgevlm.runtime.server import ServerConfig, make_app
 
     class FailingModel(VisionLanguageModel):
-        def generate(self, prompt, params, **kwargs):
-            for i, step in enumerate(super().generate(prompt, params, **kwargs)):
-                if i == 2:
-                    raise EdgeVLMError("the accelerator fell off the bus")
-                yield step
+        def submit(self, prompt, params, emit, **kwargs):
+            steps = []
+
+            def failing(event):  # the engine fails after two tokens: an error, then the job's end
+                if isinstance(event, Step):
+                    steps.append(event)
+                    if len(steps) == 3:
+                        event = EdgeVLMError("the accelerator fell off the bus")
+                    elif len(steps) > 3:
+                        return
+                emit(event)
+
+            super().submit(prompt, params, failing, **kwargs)
 
     async def main():
         app = make_app(ServerConfig(model_path=tiny_package), loader=lambda: FailingModel.load(tiny_package))

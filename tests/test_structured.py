@@ -112,8 +112,8 @@ def test_a_schema_the_grammar_cannot_enforce_is_a_400(client, schema, fragment):
 def test_a_complete_grammar_ends_the_choice_without_another_decoder_step(tiny_package):
     vlm = VisionLanguageModel.load(tiny_package)
     runs = []
-    forward = vlm.engine.forward
-    vlm.engine.forward = lambda *a, **k: runs.append(1) or forward(*a, **k)
+    run = vlm.scheduler.slab.run
+    vlm.scheduler.slab.run = lambda *a, **k: runs.append(1) or run(*a, **k)
     schema = parse_response_format({"type": "json_schema", "json_schema": {"name": "s", "schema": {
         "type": "object", "properties": {"a": {"enum": ["x"]}}, "required": ["a"], "additionalProperties": False}}})
     steps = list(vlm.generate(vlm.prepare([{"role": "user", "content": "hi"}]), SamplingParams(temperature=0),
