@@ -123,7 +123,7 @@ def rate(times: list[float], lo: float, hi: float) -> float:
 
 def interference(server: Server, image: str) -> dict:
     running = [{} for _ in range(2)]
-    long = min(4000, server.context - 64)
+    long = min(2000, server.context - 64)
     threads = [threading.Thread(target=stream, args=(server, [{"role": "user", "content": QUESTIONS[i]}], long,
                                                      running[i])) for i in range(2)]
     for thread in threads:
@@ -143,10 +143,15 @@ def interference(server: Server, image: str) -> dict:
     time.sleep(0.5)  # the image request is in its prefill (decoded, its tiles being encoded)
     stream(server, [{"role": "user", "content": "Hi!"}], 8, short)
     heavy_thread.join()
+    after_lo = time.perf_counter()
+    time.sleep(2.0)
+    after_hi = time.perf_counter()
     during = (heavy["start"] + 0.5, heavy["first"])
     result = {"short_ttft": short["first"] - short["start"], "image_ttft": heavy["first"] - heavy["start"],
               "before": statistics.median(rate(r["times"], before_lo, before_hi) for r in running),
-              "during": statistics.median(rate(r["times"], *during) for r in running)}
+              "during": statistics.median(rate(r["times"], *during) for r in running),
+              # after the image request: the streams at a longer context than during it (decode slows with it)
+              "after": statistics.median(rate(r["times"], after_lo, after_hi) for r in running)}
     return result, running, threads
 
 
@@ -172,6 +177,7 @@ def measure(package: Path, streams: list[int], rounds: int, tokens: int, max_bat
         for count in streams:
             runs = [run_streams(server, count, tokens) for _ in range(rounds)]
             out["streams"][count] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+            print(f"  max-batch {max_batch}, {count} streams: {out['streams'][count]}", file=sys.stderr, flush=True)
         if max_batch > 1:
             image = image_uri(512, 512, seed=1)
             result, running, threads = interference(server, image)
@@ -201,8 +207,8 @@ def table(name: str, batched: dict, serial: dict, streams: list[int]) -> str:
     lines += ["", "| while a 17-tile image prompt is prefilled | |", "|---|---|",
               f"| short text request: time to first token | {i['short_ttft']:.2f} s |",
               f"| the image request: time to first token | {i['image_ttft']:.2f} s |",
-              f"| two running streams: tok/s before → during | {i['before']:.1f} → {i['during']:.1f} "
-              f"({i['during'] / i['before']:.2f}×) |"]
+              f"| two running streams: tok/s before → during → after | {i['before']:.1f} → {i['during']:.1f} → "
+              f"{i['after']:.1f} (during / after {i['during'] / i['after']:.2f}×) |"]
     same = batched["same_image"]
     first = statistics.median(s["first"] for s in same)
     second = statistics.median(s["second"] for s in same)

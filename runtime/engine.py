@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 import edgevlm
 
+from . import memory
 from .errors import ContextLengthError, InvalidRequestError, PackageError
 from .package import ModelPackage
 
@@ -90,6 +91,8 @@ class Slab:
         shape = (slots, engine.kv_heads, capacity, engine.head_dim)
         self.keys = [np.zeros(shape, engine._kv_dtype) for _ in range(engine.num_layers)]
         self.values = [np.zeros(shape, engine._kv_dtype) for _ in range(engine.num_layers)]
+        for buffer in self.keys + self.values:
+            memory.sparse(buffer)  # resident as written, not in 2 MB pages (memory.py)
         self._bindings: dict[tuple[int, int], tuple[object, np.ndarray]] = {}
 
     @property
@@ -127,6 +130,14 @@ class Slab:
         engine = self.engine
         engine.decoder.run_with_iobinding(binding, engine._shrink_arena if seq >= 256 else None)
         return logits[:, 0].copy()  # the buffer is overwritten by the next run of this range
+
+    def swap(self, a: int, b: int, length: int) -> None:
+        """Exchange the first `length` positions of rows `a` and `b` (the scheduler keeps decoding rows packed)."""
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                held = buffer[a, :, :length].copy()
+                buffer[a, :, :length] = buffer[b, :, :length]
+                buffer[b, :, :length] = held
 
     def copy(self, source: int, targets: list[int], length: int) -> None:
         """Give rows `targets` the first `length` positions of row `source` (a request's n choices after their one

@@ -11,7 +11,10 @@ allocations left in the heap. Both do nothing where the C library is not glibc (
 from __future__ import annotations
 
 import ctypes
+import mmap
 import sys
+
+import numpy as np
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 MMAP_THRESHOLD = 4 * 1024 * 1024  # buffers at least this large are mapped on their own and unmapped when freed
@@ -40,3 +43,34 @@ def release() -> None:
     """Return the heap's free pages to the system (after a request's images and generation)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+_MADV_NOHUGEPAGE = 15 if sys.platform.startswith("linux") else None  # asm-generic/mman-common.h
+
+
+def _madvise():
+    if _MADV_NOHUGEPAGE is None:
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+
+
+_MADVISE = _madvise()
+
+
+def sparse(array: np.ndarray) -> bool:
+    """Keep a large, mostly untouched buffer (the KV slab) in small pages, so memory is used where it is written.
+
+    With transparent huge pages on ("always", the default of many distributions), the first write into each 2 MB
+    region of a zero-filled buffer makes the whole region resident: a decode step writing one position per head of
+    a KV slot made all of that slot's buffer resident (115 MB for one slot at SmolVLM-256M size, 0.5 s of page
+    zeroing on its first use). In 4 KB pages, it costs what is written. True where the advice took effect.
+    """
+    if _MADVISE is None or array.nbytes < 2 * mmap.PAGESIZE:
+        return False
+    start, page = array.ctypes.data, mmap.PAGESIZE
+    first = -(-start // page) * page
+    last = (start + array.nbytes) // page * page
+    return _MADVISE(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_NOHUGEPAGE) == 0

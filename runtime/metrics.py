@@ -41,6 +41,8 @@ class Metrics:
         self.kv_slots = Gauge("edgevlm_kv_slots", "KV slots (sequences the engine can run at once)", registry=r)
         self.kv_slot_positions = Gauge("edgevlm_kv_slot_positions", "Positions one KV slot holds", registry=r)
         self.kv_bytes = Gauge("edgevlm_kv_slab_bytes", "Bytes of the KV slab (all slots)", registry=r)
+        self.row_moves = Counter("edgevlm_kv_row_swaps", "KV slot swaps that keep the decoding rows packed",
+                                 registry=r)
         self.kv_used = Gauge("edgevlm_kv_positions_used", "KV positions held by running sequences", registry=r)
         self.kv_cached = Gauge("edgevlm_kv_positions_cached", "KV positions kept in idle slots for prefix reuse",
                                registry=r)

@@ -256,6 +256,11 @@ def document(version: str) -> dict:
                 "operationId": "health", "summary": "Readiness and counters (no API key needed)",
                 "responses": {"200": _json(_ref("Health"), "The model is loaded."),
                               "503": _json(_ref("HealthNotReady"), "Loading, failed to load, or shutting down.")}}},
+            "/metrics": {"get": {
+                "operationId": "metrics", "summary": "Prometheus metrics (text exposition format; no API key needed)",
+                "responses": {"200": {"description": "Counters, gauges and histograms of the model's engine.",
+                                      "content": {"text/plain": {"schema": {"type": "string"}}}},
+                              "503": _json(_ref("Error"), "The model is not loaded yet.")}}},
             "/openapi.json": {"get": {
                 "operationId": "openapi", "summary": "This document",
                 "responses": {"200": _json({"type": "object"}, "The OpenAPI 3.1 document.")}}},

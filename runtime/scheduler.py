@@ -11,9 +11,13 @@ offset, its sampler, grammar and text state (`ChoiceText`). Each iteration of th
    most `PREFILL_CHUNK` prompt tokens. While other sequences are decoding, prefill gets at most `PREFILL_SHARE` of
    the engine's time (time spent on it is paid back by decode steps before the next unit), so a long image prompt
    slows running streams by a bounded factor instead of freezing them; the request with the least prefill work
-   left goes first, so a short request is not stuck behind a long one;
-3. runs one batched decode step over every decoding sequence: one decoder run over the slab rows [lo, hi), each
-   row at its own length (rows in that range that are not decoding take a throwaway token at their own length);
+   left goes first, and one with at most `SMALL_PREFILL` text tokens left runs at once, so a short request is not
+   stuck behind a long one;
+3. runs one batched decode step over every decoding sequence: one decoder run over the slab rows [0, d), each
+   row at its own length. Every row in a run costs a full row of every matmul (~3 ms at SmolVLM-256M int4 size),
+   so the decoding sequences are kept in the lowest rows: when that set changes (a sequence finished, a prefill
+   done, a cached prefix taken from a higher slot) a decoding row above a free or prefilling one swaps places with
+   it, a copy of the two rows' positions within the slab, once per change, never per step;
 4. samples each row, feeds its `ChoiceText`, emits a `Step`; finished rows leave at once.
 
 Caches: image features (`cache.FeatureCache`, by image content) and prefixes: a slot keeps what its KV holds after
@@ -45,6 +49,9 @@ from .sampling import ChoiceSampler, SamplingParams
 
 PREFILL_CHUNK = 256  # prompt tokens per prefill run (GroupQueryAttention prefills one row at a time)
 PREFILL_SHARE = 0.4  # at most this share of the engine's time goes to prefill while sequences are decoding
+# A request with at most this much prefill work left (text tokens, no image to encode) runs it at once, whatever
+# the share: it costs the running streams a few milliseconds and saves it a wait of up to a tile's repayment.
+SMALL_PREFILL = 64
 # A slot whose cached prefix matches at least this share of what it holds is reused for a new request (as
 # llama.cpp's --slot-prompt-similarity); otherwise an empty or least recently used slot is taken.
 PREFIX_SIMILARITY = 0.5
@@ -251,8 +258,9 @@ class Scheduler:
         self._admit()
         decoding = [s for job in self._active if job.prefilled for s in job.sequences if not s.done]
         prefilling = [job for job in self._active if not job.prefilled]
-        if prefilling and (not decoding or self._balance >= 0):
-            job = min(prefilling, key=lambda j: j.remaining(4 * self.image_seq_len))
+        job = min(prefilling, key=lambda j: j.remaining(4 * self.image_seq_len)) if prefilling else None
+        if job is not None and (not decoding or self._balance >= 0 or
+                                job.remaining(4 * self.image_seq_len) <= SMALL_PREFILL):
             start = time.perf_counter()
             try:
                 self._prefill_unit(job)
@@ -443,8 +451,21 @@ class Scheduler:
 
     # --------------------------------------------------------------------------------------------- decode
 
+    def _compact(self, decoding: list[Sequence]) -> None:
+        """Move the decoding rows to [0, d): swap each one above d with a row below d that is not decoding."""
+        d = len(decoding)
+        mine = {id(seq.slot) for seq in decoding}
+        low = [slot for slot in self.slots[:d] if id(slot) not in mine]
+        high = [seq.slot for seq in decoding if seq.slot.index >= d]
+        for a, b in zip(low, high):
+            self.slab.swap(a.index, b.index, max(a.length, b.length))
+            a.index, b.index = b.index, a.index
+            self.slots[a.index], self.slots[b.index] = a, b
+            self.metrics.row_moves.inc()
+
     def _decode(self, decoding: list[Sequence]) -> None:
         if self.fused:
+            self._compact(decoding)
             rows = {seq.slot.index: seq for seq in decoding}
             lo, hi = min(rows), max(rows) + 1
             tokens = np.zeros(hi - lo, np.int64)
