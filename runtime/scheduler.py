@@ -190,9 +190,7 @@ class Scheduler:
         if prompt_tokens >= context:
             raise ContextLengthError(f"the prompt is {prompt_tokens} tokens; the model's context of {context} tokens "
                                      "leaves no room for an answer", param="messages")
-        if n > self.max_batch:
-            raise InvalidRequestError(f"Invalid 'n': {n} choices need {n} KV slots; this server runs at most "
-                                      f"{self.max_batch} sequences at once (edgevlm serve --max-batch)", param="n")
+        self.check_choices(n)
         room = min(context, self.slot_positions) - prompt_tokens
         if requested is not None:
             if requested > context - prompt_tokens:
@@ -209,6 +207,12 @@ class Scheduler:
                 f"({self.kv_budget / 1e6:g} MB for {self.max_batch} sequences: edgevlm serve --kv-budget-mb / "
                 "--max-batch)", param="messages")
         return min(room, self.default_max_tokens or room)
+
+    def check_choices(self, n: int) -> None:
+        """A request's n choices run at once, a slot each: more than the slots can never run."""
+        if n > self.max_batch:
+            raise InvalidRequestError(f"Invalid 'n': {n} choices need {n} KV slots; this server runs at most "
+                                      f"{self.max_batch} sequences at once (edgevlm serve --max-batch)", param="n")
 
     def submit(self, job: Job) -> None:
         with self._lock:

@@ -22,7 +22,6 @@ and waiting requests finish for up to `shutdown_timeout` while new ones get 503,
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import json
 import logging
@@ -196,10 +195,7 @@ def _auth_middleware(api_key: str | None):
 
 
 def _fingerprint(model: VisionLanguageModel) -> str:
-    digest = hashlib.sha256()
-    for name, entry in sorted(model.package.manifest["files"].items()):
-        digest.update(f"{name}:{entry['sha256']}".encode())
-    return f"fp_edgevlm{__version__}_{digest.hexdigest()[:12]}"
+    return f"fp_edgevlm{__version__}_{model.fingerprint}"
 
 
 def make_app(config: ServerConfig, *, loader: Callable[[], VisionLanguageModel] | None = None) -> web.Application:
@@ -219,7 +215,7 @@ def make_app(config: ServerConfig, *, loader: Callable[[], VisionLanguageModel] 
         def run() -> None:
             try:
                 model = load()
-                model.engine.warm_up()
+                model.warm_up()
                 state.fingerprint = _fingerprint(model)
                 state.model = model
                 print(f"edgevlm: model {model.name} ready", flush=True)
@@ -343,9 +339,7 @@ def _check_cost(params: SamplingParams, limits: ServerLimits, model: VisionLangu
             f"Invalid 'max_tokens': n × max_tokens = {n} × {requested or 1} = {n * (requested or 1)} completion "
             f"tokens exceed this server's limit of {total} per request (edgevlm serve --max-request-tokens)",
             param="max_tokens" if requested else "n")
-    if n > model.max_batch:
-        raise InvalidRequestError(f"Invalid 'n': {n} choices need {n} KV slots; this server runs at most "
-                                  f"{model.max_batch} sequences at once (edgevlm serve --max-batch)", param="n")
+    model.check_choices(n)  # before any image is decoded
 
 
 async def _read_body(request: web.Request, limits: ServerLimits) -> bytes:

@@ -9,6 +9,7 @@ Prompt + sampling ─► submit ─► the engine's thread (scheduler.py: vision
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -97,12 +98,24 @@ class VisionLanguageModel:
     def context_length(self) -> int:
         return self.engine.context_length
 
-    @property
-    def max_batch(self) -> int:
-        return self.engine_config.max_batch
+    def check_choices(self, n: int) -> None:
+        """Refuse n choices that can never run together (more than the engine's KV slots)."""
+        self.scheduler.check_choices(n)
 
     def token_text(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the package's files (OpenAI's system_fingerprint): the same weights give the same one."""
+        digest = hashlib.sha256()
+        for name, entry in sorted(self.package.manifest["files"].items()):
+            digest.update(f"{name}:{entry['sha256']}".encode())
+        return digest.hexdigest()[:12]
+
+    def warm_up(self) -> None:
+        """One decoder run at load, so the first request does not pay for first-run allocations."""
+        self.engine.warm_up()
 
     def close(self) -> None:
         """Stop the engine's thread (requests still inside end cut short)."""

@@ -208,3 +208,45 @@ def test_metrics_agree_with_health(start_server):
     assert value("edgevlm_time_to_first_token_seconds_count") == 2
     assert value("edgevlm_kv_slots") == 8 and value("edgevlm_sequences_running") == 0
     assert value("edgevlm_prefill_tokens_total") > 0 and value("edgevlm_decode_tokens_total") > 0
+
+
+def collect(model, messages, params, log: list, name: str) -> threading.Event:
+    """Submit one request; its steps go into `log` as (name, step) in the order the engine made them."""
+    done = threading.Event()
+
+    def emit(event):
+        if isinstance(event, JobEnd):
+            done.set()
+        elif not isinstance(event, Exception):
+            log.append((name, event))
+
+    model.submit(model.prepare(messages, params), params, emit)
+    return done
+
+
+def test_a_short_request_is_not_stuck_behind_an_image_prompt_and_streams_keep_decoding(tiny_package, no_eos):
+    model = VisionLanguageModel.load(tiny_package)
+    try:
+        image = png_uri(900, 700, seed=5)
+        tiles = model.prepare([user("Describe it.", image)]).images[0].tiles
+        assert tiles > 4  # several vision runs: prefill is more than one unit of work
+        log: list = []
+        running = collect(model, [user("Keep talking.")], SamplingParams(temperature=0, max_tokens=1500,
+                                                                         logit_bias=no_eos), log, "running")
+        while not log:  # the running stream has started decoding
+            time.sleep(0.001)
+        # Held, the engine takes both requests in one iteration: the short one, admitted second, goes first.
+        with model.scheduler._lock:
+            heavy = collect(model, [user("Describe it.", image)], SamplingParams(temperature=0, max_tokens=2),
+                            log, "image")
+            short = collect(model, [user("Hi")], SamplingParams(temperature=0, max_tokens=2), log, "short")
+            mark = len(log)
+        for event in (heavy, short, running):
+            assert event.wait(120)
+        order = [name for name, _ in log[mark:]]
+        assert order.index("short") < order.index("image")
+        # Between the image request's admission and its first token the running stream kept getting tokens: at
+        # least one decode step after each of its vision tiles (the prefill share), not one block at the end.
+        assert order[:order.index("image")].count("running") >= tiles
+    finally:
+        model.close()

@@ -420,3 +420,17 @@ def test_an_error_after_the_stream_started_is_one_error_event(tiny_package):
             assert health.status == 200
 
     asyncio.run(main())
+
+
+def test_the_package_generation_defaults_apply_where_the_request_is_silent(client, tiny_package):
+    """request > package > OpenAI: the tiny package says temperature 0 (its checkpoint does not sample), so
+    without a temperature the choices are greedy and identical; a request's own temperature wins."""
+    from edgevlm.runtime.package import ModelPackage
+
+    assert ModelPackage.load(tiny_package).generation_defaults["temperature"] == 0.0
+    messages = [{"role": "user", "content": "Tell me something."}]
+    silent = client.chat.completions.create(model="m", messages=messages, max_tokens=12, n=3)
+    assert len({c.message.content for c in silent.choices}) == 1
+    sampled = client.chat.completions.create(model="m", messages=messages, max_tokens=12, n=3, temperature=1.5,
+                                             seed=3)
+    assert len({c.message.content for c in sampled.choices}) > 1
