@@ -10,7 +10,8 @@ For each package a server is started (`--max-batch 8`), and, as the baseline in 
   wall time from the first request to the last token), and the aggregate's ratio to one stream;
 - interference: two streams decoding, then a 512×512 image request (17 tiles at SmolVLM size) and, while its
   prefill runs, a short text request: that request's time to first token, the image request's, and the running
-  streams' tok/s during the image prefill against before it;
+  streams' tok/s during the image prefill against the same two streams alone on a fresh server over the same
+  window (same context length: decode slows as the context grows);
 - a second question about the same image (the first answer in the conversation): its time to first token against
   the first question's, and usage.prompt_tokens_details.cached_tokens.
 Writes a markdown table to stdout and, with --output, into that file (replacing its "## Concurrency" section).
@@ -121,7 +122,8 @@ def rate(times: list[float], lo: float, hi: float) -> float:
     return (len(inside) - 1) / (inside[-1] - inside[0]) if len(inside) > 2 else 0.0
 
 
-def interference(server: Server, image: str) -> dict:
+def _running_streams(server: Server) -> tuple[list[dict], list[threading.Thread]]:
+    """Two long text streams, returned once both are decoding."""
     running = [{} for _ in range(2)]
     long = min(2000, server.context - 64)
     threads = [threading.Thread(target=stream, args=(server, [{"role": "user", "content": QUESTIONS[i]}], long,
@@ -132,27 +134,40 @@ def interference(server: Server, image: str) -> dict:
         if any("error" in r for r in running):
             raise RuntimeError(f"a running stream failed: {[r.get('error') for r in running]}")
         time.sleep(0.01)
-    before_lo = time.perf_counter()
-    time.sleep(1.0)
-    before_hi = time.perf_counter()
-    heavy, short = {}, {}
-    heavy_thread = threading.Thread(target=stream, args=(server, [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "Describe this image."}]}],
-        8, heavy))
-    heavy_thread.start()
-    time.sleep(0.5)  # the image request is in its prefill (decoded, its tiles being encoded)
-    stream(server, [{"role": "user", "content": "Hi!"}], 8, short)
-    heavy_thread.join()
-    after_lo = time.perf_counter()
-    time.sleep(2.0)
-    after_hi = time.perf_counter()
-    during = (heavy["start"] + 0.5, heavy["first"])
-    result = {"short_ttft": short["first"] - short["start"], "image_ttft": heavy["first"] - heavy["start"],
-              "before": statistics.median(rate(r["times"], before_lo, before_hi) for r in running),
-              "during": statistics.median(rate(r["times"], *during) for r in running),
-              # after the image request: the streams at a longer context than during it (decode slows with it)
-              "after": statistics.median(rate(r["times"], after_lo, after_hi) for r in running)}
-    return result, running, threads
+    return running, threads
+
+
+def interference(package: Path, max_batch: int, image: str) -> dict:
+    """Two streams decoding; then a 17-tile image request and, 0.5 s later (in its prefill), a short text request.
+    Control: the same two streams on a fresh server with nothing else, their rate over the same window (measured
+    from each stream's start, so at the same context: decode slows as the context grows)."""
+    server = Server(package, "--max-batch", str(max_batch))
+    try:
+        running, threads = _running_streams(server)
+        heavy, short = {}, {}
+        heavy_thread = threading.Thread(target=stream, args=(server, [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "Describe this image."}]}],
+            8, heavy))
+        heavy_thread.start()
+        time.sleep(0.5)  # the image request is in its prefill (decoded, its tiles being encoded)
+        stream(server, [{"role": "user", "content": "Hi!"}], 8, short)
+        heavy_thread.join()
+        windows = [(heavy["start"] + 0.5 - r["start"], heavy["first"] - r["start"]) for r in running]
+        during = statistics.median(rate(r["times"], r["start"] + lo, r["start"] + hi)
+                                   for r, (lo, hi) in zip(running, windows))
+    finally:
+        server.stop()  # ends the two long streams
+    control = Server(package, "--max-batch", str(max_batch))
+    try:
+        alone, _ = _running_streams(control)
+        while time.perf_counter() < max(r["start"] + hi for r, (_, hi) in zip(alone, windows)) + 0.1:
+            time.sleep(0.05)
+        undisturbed = statistics.median(rate(r["times"], r["start"] + lo, r["start"] + hi)
+                                        for r, (lo, hi) in zip(alone, windows))
+    finally:
+        control.stop()
+    return {"short_ttft": short["first"] - short["start"], "image_ttft": heavy["first"] - heavy["start"],
+            "during": during, "undisturbed": undisturbed}
 
 
 def same_image(server: Server, seed: int) -> dict:
@@ -179,14 +194,9 @@ def measure(package: Path, streams: list[int], rounds: int, tokens: int, max_bat
             out["streams"][count] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
             print(f"  max-batch {max_batch}, {count} streams: {out['streams'][count]}", file=sys.stderr, flush=True)
         if max_batch > 1:
-            image = image_uri(512, 512, seed=1)
-            result, running, threads = interference(server, image)
-            out["interference"] = result
-            server.stop()  # ends the two long streams
-            for thread in threads:
-                thread.join(timeout=5)
-            server = Server(package, "--max-batch", str(max_batch))
             out["same_image"] = [same_image(server, seed) for seed in range(100, 100 + rounds)]
+            server.stop()
+            out["interference"] = interference(package, max_batch, image_uri(512, 512, seed=1))
         return out
     finally:
         server.stop()
@@ -207,8 +217,9 @@ def table(name: str, batched: dict, serial: dict, streams: list[int]) -> str:
     lines += ["", "| while a 17-tile image prompt is prefilled | |", "|---|---|",
               f"| short text request: time to first token | {i['short_ttft']:.2f} s |",
               f"| the image request: time to first token | {i['image_ttft']:.2f} s |",
-              f"| two running streams: tok/s before → during → after | {i['before']:.1f} → {i['during']:.1f} → "
-              f"{i['after']:.1f} (during / after {i['during'] / i['after']:.2f}×) |"]
+              f"| two running streams meanwhile: tok/s, against the same streams alone over the same window | "
+              f"{i['during']:.1f} vs {i['undisturbed']:.1f} "
+              f"({i['during'] / i['undisturbed'] if i['undisturbed'] else float('nan'):.2f}×) |"]
     same = batched["same_image"]
     first = statistics.median(s["first"] for s in same)
     second = statistics.median(s["second"] for s in same)

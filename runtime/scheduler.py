@@ -228,9 +228,6 @@ class Scheduler:
             self._lock.notify()
         self._thread.join(timeout=30)
 
-    def status(self) -> dict:
-        return {"running": sum(len(j.sequences) for j in self._active), "waiting": len(self._waiting)}
-
     # ----------------------------------------------------------------------------------------------- the loop
 
     def _loop(self) -> None:
