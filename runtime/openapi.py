@@ -227,7 +227,7 @@ def document(version: str) -> dict:
                           "field is invalid (`param` names it); an image is invalid or breaks a limit "
                           "(invalid_image); the prompt exceeds the context (context_length_exceeded); the request "
                           "breaks a server limit (n over --max-n, n × max_tokens over --max-request-tokens, its KV "
-                          "cache over --max-kv-mb); or a feature is unsupported (unsupported_parameter)."),
+                          "cache over --kv-budget-mb); or a feature is unsupported (unsupported_parameter)."),
             "404": _error("Not found. Not returned today (any `model` value is answered by the loaded model)."),
             "408": _error("The request body did not arrive within --read-timeout (code request_timeout)."),
             "413": _error("The request body is larger than the server's limit (--max-body-mb)."),
