@@ -2,7 +2,7 @@
 
 A second question about the same image (same bytes, same detail) skips decoding it and running the vision
 encoder. Keys are the SHA-256 of the image's base64 payload with the tiling it was encoded with; each entry keeps
-the image's tile grid too, so its prompt layout needs no pixels. Shared by the thread that prepares requests
+the image's plan (families.ImagePlan) too, so its prompt layout needs no pixels. Shared by the thread that prepares requests
 (lookups) and the engine's thread (inserts).
 """
 
@@ -16,15 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def image_key(payload: str, split: bool | None) -> str:
-    """The cache key of one client image: its base64 text (as sent) and whether it is split into tiles."""
-    return f"{hashlib.sha256(payload.encode('utf-8', 'surrogatepass')).hexdigest()}:{split}"
+def image_key(payload: str, detail: str) -> str:
+    """The cache key of one client image: its base64 text (as sent) and whether it asked for detail "low"."""
+    return f"{hashlib.sha256(payload.encode('utf-8', 'surrogatepass')).hexdigest()}:{detail == 'low'}"
 
 
 @dataclass(frozen=True)
 class CachedImage:
-    features: np.ndarray  # [tiles, image_seq_len, hidden]
-    grid: tuple[int, int]
+    features: np.ndarray  # [tokens, hidden]
+    plan: object  # the family's ImagePlan for it
 
 
 class FeatureCache:
@@ -52,7 +52,7 @@ class FeatureCache:
             self.hits += 1
             return entry
 
-    def put(self, key: str, features: np.ndarray, grid: tuple[int, int]) -> None:
+    def put(self, key: str, features: np.ndarray, plan) -> None:
         size = features.nbytes
         if size > self.max_bytes:
             return
@@ -63,5 +63,5 @@ class FeatureCache:
             while self._entries and self._bytes + size > self.max_bytes:
                 _, evicted = self._entries.popitem(last=False)
                 self._bytes -= evicted.features.nbytes
-            self._entries[key] = CachedImage(features, grid)
+            self._entries[key] = CachedImage(features, plan)
             self._bytes += size

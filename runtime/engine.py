@@ -261,14 +261,10 @@ class Engine:
                     for i, (values, mask) in enumerate(real_runs)]
         return np.concatenate(features) if len(features) > 1 else features[0]
 
-    def encode_tile(self, pixel_values: np.ndarray, pixel_attention_mask: np.ndarray, *,
-                    last: bool = False) -> np.ndarray:
-        """One tile, [H, W, ...] as `encode_images` takes them with B = N = 1 → [1, image_seq_len, hidden] features;
-        `last`: the last tile of a run of them, after which the arena gives back what the tiles grew."""
-        values = np.asarray(pixel_values, dtype=np.float32).reshape(1, 1, *pixel_values.shape[-3:])
-        mask = np.asarray(pixel_attention_mask, dtype=bool).reshape(1, 1, *pixel_attention_mask.shape[-2:])
-        return self.vision.run(None, {"pixel_values": values, "pixel_attention_mask": mask},
-                               self._shrink_arena if last else None)[0]
+    def run_vision(self, feed: dict[str, np.ndarray], *, last: bool = False) -> np.ndarray:
+        """One vision encoder run (a family's `vision_inputs`) → its features, [1, n, hidden] or [n, hidden];
+        `last`: the last run of an image, after which the arena gives back what the runs grew."""
+        return self.vision.run(None, feed, self._shrink_arena if last else None)[0]
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         (embeds,) = self.embed_tokens.run(None, {"input_ids": np.asarray(input_ids, dtype=np.int64)})

@@ -7,8 +7,8 @@ offset, its sampler, grammar and text state (`ChoiceText`). Each iteration of th
 
 1. drops cancelled requests (their slots are free at once) and admits waiting ones, first come first served,
    while `max_batch` slots allow;
-2. runs at most one bounded unit of prefill work for one admitted request: one vision tile, or one chunk of at
-   most `PREFILL_CHUNK` prompt tokens. While other sequences are decoding, prefill gets at most `PREFILL_SHARE` of
+2. runs at most one bounded unit of prefill work for one admitted request: one vision encoder run (a tile), or
+   one chunk of at most `PREFILL_CHUNK` prompt tokens. While other sequences are decoding, prefill gets at most `PREFILL_SHARE` of
    the engine's time (time spent on it is paid back by decode steps before the next unit), so a long image prompt
    slows running streams by a bounded factor instead of freezing them; the request with the least prefill work
    left goes first, and one with at most `SMALL_PREFILL` text tokens left runs at once, so a short request is not
@@ -41,6 +41,7 @@ import numpy as np
 
 from . import memory
 from .engine import Engine, KVCache
+from .families import ImagePlan
 from .errors import Cancelled, ContextLengthError, EdgeVLMError, InvalidRequestError
 from .generate import ChoiceText, Step
 from .grammar import Grammar
@@ -66,14 +67,12 @@ class JobEnd:
 
 @dataclass
 class PromptImage:
-    """One image of a prompt: features from the cache, or the fitted image to encode (`tiles` tiles)."""
+    """One image of a prompt: features from the cache, or the fitted image to encode (`plan.runs` vision runs)."""
 
     key: str
-    grid: tuple[int, int]
-    tiles: int
-    features: np.ndarray | None = None  # [tiles, image_seq_len, hidden] when the cache had them
+    plan: ImagePlan
+    features: np.ndarray | None = None  # [plan.tokens, hidden] when the cache had them
     image: object = None  # else the fitted PIL image to encode
-    split: bool | None = None
 
 
 @dataclass
@@ -121,8 +120,8 @@ class Job:
         self.sequences: list[Sequence] = []
         self.pos = 0  # prompt positions already in the primary sequence's KV cache
         self.cached_tokens = 0
-        self.pixels: tuple[np.ndarray, np.ndarray] | None = None  # the image being encoded: its tiles
-        self.tile_features: list[np.ndarray] = []
+        self.vision_feeds = None  # the image being encoded: an iterator over its vision runs' inputs
+        self.run_features: list[np.ndarray] = []
         self.vision_seconds = 0.0
         self.submitted = time.perf_counter()
         self.first_token: float | None = None
@@ -142,22 +141,23 @@ class Job:
         already, reused from a prefix)."""
         return [i for i, (_, end) in enumerate(self.spans) if self.features[i] is None and end > self.pos]
 
-    def remaining(self, tile_cost: int) -> int:
-        """Prefill work left, in token-equivalents (a tile counts `tile_cost`): the least goes first."""
-        tiles = sum(self.prompt.images[i].tiles for i in self.needed_images())
-        return tiles * tile_cost + len(self.ids) - self.pos
+    def remaining(self, run_cost: int) -> int:
+        """Prefill work left, in token-equivalents (a vision run counts `run_cost`): the least goes first."""
+        runs = sum(self.prompt.images[i].plan.runs for i in self.needed_images())
+        return runs * run_cost + len(self.ids) - self.pos
 
 
 class Scheduler:
     def __init__(self, engine: Engine, tokenizer, eos_token_ids: Seq[int], *, max_batch: int, kv_budget_bytes: int,
-                 image_cache, preprocess: Callable[[PromptImage], tuple[np.ndarray, np.ndarray]],
+                 image_cache, vision_inputs: Callable[[PromptImage], object],
                  metrics: Metrics, default_max_tokens: int | None = None):
         self.engine, self.tokenizer, self.eos = engine, tokenizer, tuple(eos_token_ids)
         self.max_batch, self.kv_budget = max_batch, kv_budget_bytes
-        self.image_cache, self.preprocess, self.metrics = image_cache, preprocess, metrics
+        self.image_cache, self.vision_inputs, self.metrics = image_cache, vision_inputs, metrics
         self.default_max_tokens = default_max_tokens
         self.vocab = engine.package.text["vocab_size"]
-        self.image_seq_len = engine.package.vision["image_seq_len"]  # features (= image tokens) per tile
+        # A vision run costs about as much as this many prompt tokens of prefill (least work left goes first).
+        self.run_cost = 4 * engine.package.vision.get("image_seq_len", 64)
         self.fused = engine.decoder_form == "fused"
         per_slot = kv_budget_bytes // (max_batch * engine.kv_bytes_per_token)
         self.slot_positions = min(engine.max_kv_length, per_slot)
@@ -259,9 +259,9 @@ class Scheduler:
         self._admit()
         decoding = [s for job in self._active if job.prefilled for s in job.sequences if not s.done]
         prefilling = [job for job in self._active if not job.prefilled]
-        job = min(prefilling, key=lambda j: j.remaining(4 * self.image_seq_len)) if prefilling else None
+        job = min(prefilling, key=lambda j: j.remaining(self.run_cost)) if prefilling else None
         if job is not None and (not decoding or self._balance >= 0 or
-                                job.remaining(4 * self.image_seq_len) <= SMALL_PREFILL):
+                                job.remaining(self.run_cost) <= SMALL_PREFILL):
             start = time.perf_counter()
             try:
                 self._prefill_unit(job)
@@ -321,7 +321,7 @@ class Scheduler:
     def _start(self, job: Job, free: list[_Slot]) -> None:
         params, prompt = job.params, job.prompt
         positions = np.flatnonzero(job.ids == self.engine.image_token_id)
-        counts = [image.tiles * self.image_seq_len for image in prompt.images]
+        counts = [image.plan.tokens for image in prompt.images]
         if len(positions) != sum(counts):
             raise InvalidRequestError(f"the prompt has {len(positions)} image tokens but its images give "
                                       f"{sum(counts)} image features", param="messages")
@@ -378,7 +378,7 @@ class Scheduler:
         the first token of each choice is sampled."""
         needed = job.needed_images()
         if needed:
-            self._encode_tile(job, needed[0])
+            self._encode_run(job, needed[0])
             return
         start = time.perf_counter()
         begin, end = job.pos, min(job.pos + PREFILL_CHUNK, len(job.ids))
@@ -413,26 +413,23 @@ class Scheduler:
             seq.logits = logits[0]
         self._sample(job.sequences)
 
-    def _encode_tile(self, job: Job, index: int) -> None:
+    def _encode_run(self, job: Job, index: int) -> None:
+        """One vision encoder run of image `index` (preparing its inputs first, the first time)."""
         image = job.prompt.images[index]
-        if job.pixels is None:
-            start = time.perf_counter()
-            job.pixels = self.preprocess(image)
-            job.tile_features = []
-            job.vision_seconds = time.perf_counter() - start
-        values, mask = job.pixels
-        tile = len(job.tile_features)
-        last = tile == values.shape[0] - 1
         start = time.perf_counter()
-        job.tile_features.append(self.engine.encode_tile(values[tile], mask[tile], last=last))
+        if job.vision_feeds is None:
+            job.vision_feeds, job.run_features, job.vision_seconds = iter(self.vision_inputs(image)), [], 0.0
+        last = len(job.run_features) == image.plan.runs - 1
+        features = self.engine.run_vision(next(job.vision_feeds), last=last)
+        job.run_features.append(features.reshape(-1, features.shape[-1]))
         job.vision_seconds += time.perf_counter() - start
         if last:
-            features = job.features[index] = np.concatenate(job.tile_features)
-            job.pixels, job.tile_features = None, []
+            features = job.features[index] = np.concatenate(job.run_features)
+            job.vision_feeds, job.run_features = None, []
             self.metrics.vision.observe(job.vision_seconds)
             self.metrics.image_misses.inc()
             if self.image_cache is not None:
-                self.image_cache.put(image.key, features, image.grid)
+                self.image_cache.put(image.key, features, image.plan)
 
     def _chunk_embeds(self, job: Job, begin: int, end: int) -> np.ndarray:
         """Token embeddings of prompt positions [begin, end), with image features at the image tokens."""
@@ -542,7 +539,7 @@ class Scheduler:
             self._active.remove(job)
         if job in self._waiting:
             self._waiting.remove(job)
-        job.pixels = None
+        job.vision_feeds = None
         if error is not None:
             job.emit(error)
         if job.first_token is not None:

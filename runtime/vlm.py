@@ -27,8 +27,8 @@ from .images import check_image_count, decode_image, image_payload
 from .limits import EngineConfig, ImageLimits
 from .metrics import Metrics
 from .package import ModelPackage
-from .preprocess.idefics3 import Idefics3ImageConfig, fit, preprocess, tile_grid
-from .prompt import ChatTemplate, Idefics3PromptLayout, convert_messages, encode_prompt
+from .families import load_family
+from .prompt import ChatTemplate, convert_messages, encode_prompt
 from .sampling import SamplingParams
 from .scheduler import Job, JobEnd, Prompt, PromptImage, Scheduler
 
@@ -46,13 +46,7 @@ class VisionLanguageModel:
         self._grammars_lock = threading.Lock()
         self.engine = Engine(package, device=device, threads=threads)
         self.template = ChatTemplate(package.chat_template, tokens.get("special_tokens"))
-        self.layout = Idefics3PromptLayout.from_config({
-            "image_seq_len": package.vision["image_seq_len"],
-            "image_token": tokens["image_token"],
-            "fake_image_token": tokens["fake_image_token"],
-            "global_image_token": tokens["global_image_token"],
-        })
-        self.image_config = Idefics3ImageConfig.from_dict(package.image_processor)
+        self.family = load_family(package)  # images → prompt tokens and vision inputs (families/)
         self.image_limits = image_limits
         self.engine_config = engine_config
         # The most characters one token stands for (81 for SmolVLM's: a newline and 80 spaces), for `_check_length`.
@@ -63,7 +57,7 @@ class VisionLanguageModel:
         self.scheduler = Scheduler(
             self.engine, self.tokenizer, self.eos_token_ids, max_batch=engine_config.max_batch,
             kv_budget_bytes=engine_config.kv_budget_bytes, image_cache=self.image_cache,
-            preprocess=self._pixels, metrics=self.metrics, default_max_tokens=self.defaults.max_tokens)
+            vision_inputs=lambda image: self.family.vision_inputs(image.image, image.plan), metrics=self.metrics, default_max_tokens=self.defaults.max_tokens)
 
     @property
     def grammars(self) -> Grammars:
@@ -131,10 +125,11 @@ class VisionLanguageModel:
         each image's header before its pixels are decoded, the request's size (`Scheduler.plan`: context, KV slot,
         `max_request_tokens` = n × max_tokens) before anything is encoded. An image whose features are cached is
         not decoded at all. Images are decoded and reduced to the processor's first size one at a time, so one
-        full-size image is held at once; the engine encodes them tile by tile.
+        full-size image is held at once; the engine encodes them one vision run (tile) at a time.
         """
         params = params or SamplingParams()
-        converted = convert_messages(messages, reserved_text=[self.layout.placeholder])
+        family = self.family
+        converted = convert_messages(messages, reserved_text=[family.placeholder])
         limits = self.image_limits
         check_image_count(len(converted.images), limits)
         text = self.template.render(converted.messages, add_generation_prompt=True)
@@ -144,26 +139,24 @@ class VisionLanguageModel:
         for index, ref in enumerate(converted.images, 1):
             if cancelled():
                 raise Cancelled("the request was cancelled while its images were decoded")
-            # detail "low" asks for one tile per image; "auto" and "high" use the model's splitting.
-            split = False if ref.detail == "low" else None
-            key = image_key(image_payload(ref.url, index), split)
+            key = image_key(image_payload(ref.url, index), ref.detail)
             cached = self.image_cache.get(key)
             if cached is not None:
                 self.metrics.image_hits.inc()
-                images.append(PromptImage(key, cached.grid, _tiles(cached.grid), features=cached.features))
+                images.append(PromptImage(key, cached.plan, features=cached.features))
                 continue
             image = decode_image(ref.url, index, limits, pixels_left=pixels_left)
             pixels_left -= image.width * image.height
-            grid = tile_grid(image.width, image.height, self.image_config, do_image_splitting=split)
-            images.append(PromptImage(key, grid, _tiles(grid), image=fit(image, self.image_config), split=split))
+            plan = family.plan(image.width, image.height, ref.detail)
+            images.append(PromptImage(key, plan, image=family.fit(image, plan)))
             del image  # the full-size image goes before the next one is decoded
         bos = self.template.special_tokens.get("bos_token")
-        input_ids = encode_prompt(self.tokenizer, self.layout.expand(text, [i.grid for i in images]), bos_token=bos)
+        input_ids = encode_prompt(self.tokenizer, family.expand(text, [i.plan for i in images]), bos_token=bos)
         max_tokens = self.scheduler.plan(len(input_ids), params.n, params.max_tokens)
         if params.max_tokens is None:  # left to us: the request's share of max_request_tokens at most
             max_tokens = min(max_tokens, (max_request_tokens or self.context_length) // params.n)
         return Prompt(input_ids=input_ids, key=self._prefix_key(input_ids, images), images=images,
-                      image_tokens=sum(self.layout.num_image_tokens(*i.grid) for i in images), max_tokens=max_tokens)
+                      image_tokens=sum(i.plan.tokens for i in images), max_tokens=max_tokens)
 
     def _prefix_key(self, input_ids: list[int], images: list[PromptImage]) -> np.ndarray:
         """The ids with each image token replaced by a negative tag of its image and its place in it: two prompts
@@ -172,16 +165,11 @@ class VisionLanguageModel:
         positions = np.flatnonzero(key == self.engine.image_token_id)
         start = 0
         for image in images:
-            count = image.tiles * self.layout.image_seq_len
+            count = image.plan.tokens
             tag = int(image.key[:15], 16)  # 60 bits of the image's hash
             key[positions[start:start + count]] = -1 - ((tag + np.arange(count, dtype=np.int64)) % (1 << 62))
             start += count
         return key
-
-    def _pixels(self, image: PromptImage) -> tuple[np.ndarray, np.ndarray]:
-        """One prompt image's tiles: [tiles, 3, H, W] float32 pixels and [tiles, H, W] mask (engine thread)."""
-        batch = preprocess([image.image], self.image_config, do_image_splitting=image.split, fitted=True)
-        return batch.pixel_values[0], batch.pixel_attention_mask[0]
 
     def _check_length(self, text: str) -> None:
         """Refuse, before tokenizing it, a text that cannot fit: no token covers more than `max_token_chars`."""
@@ -223,11 +211,6 @@ class VisionLanguageModel:
                 stop.set()  # an iterator dropped early cancels its request
 
         return steps()
-
-
-def _tiles(grid: tuple[int, int]) -> int:
-    rows, cols = grid
-    return rows * cols + 1 if rows else 1
 
 
 class SamplingDefaults:

@@ -228,7 +228,7 @@ def test_a_short_request_is_not_stuck_behind_an_image_prompt_and_streams_keep_de
     model = VisionLanguageModel.load(tiny_package)
     try:
         image = png_uri(900, 700, seed=5)
-        tiles = model.prepare([user("Describe it.", image)]).images[0].tiles
+        tiles = model.prepare([user("Describe it.", image)]).images[0].plan.runs
         assert tiles > 4  # several vision runs: prefill is more than one unit of work
         log: list = []
         running = collect(model, [user("Keep talking.")], SamplingParams(temperature=0, max_tokens=1500,
