@@ -1,0 +1,77 @@
+"""Qwen2-VL / Qwen2.5-VL: the runtime pieces that need no exported graph yet (issue 13, in progress).
+
+- `Qwen2VLLayout`: an image of grid (1, h, w) patches becomes ``<|vision_start|>`` + ``<|image_pad|>`` ×
+  (h·w / merge²) + ``<|vision_end|>``; the chat template writes the three tokens, `expand` repeats the pad, as
+  ``Qwen2VLProcessor`` does;
+- `rope_index`: the 3-D M-RoPE positions (temporal, height, width) of a prompt with images, and the offset its
+  decode positions take after it (``Qwen2VLModel.get_rope_index`` in transformers 4.57, still images only).
+
+Not registered in `FAMILIES`: there is no Qwen export yet, so no package can name this family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class Qwen2VLLayout:
+    vision_start: str = "<|vision_start|>"
+    image_pad: str = "<|image_pad|>"
+    vision_end: str = "<|vision_end|>"
+    merge_size: int = 2
+
+    @property
+    def placeholder(self) -> str:
+        """What the Instruct chat template writes for each image."""
+        return self.vision_start + self.image_pad + self.vision_end
+
+    def num_image_tokens(self, grid_thw: Sequence[int]) -> int:
+        t, h, w = grid_thw
+        return t * h * w // (self.merge_size ** 2)
+
+    def expand(self, text: str, grids: Sequence[Sequence[int]]) -> str:
+        """Replace the i-th image's single pad token with as many as its features."""
+        pieces = text.split(self.placeholder)
+        if len(pieces) - 1 != len(grids):
+            raise InvalidRequestError(
+                f"the prompt has {len(pieces) - 1} image placeholder(s) but the request has {len(grids)} image(s); "
+                f"the text of the messages must not contain {self.placeholder!r}", param="messages")
+        out = [pieces[0]]
+        for grid, piece in zip(grids, pieces[1:]):
+            out.append(self.vision_start + self.image_pad * self.num_image_tokens(grid) + self.vision_end)
+            out.append(piece)
+        return "".join(out)
+
+
+def rope_index(input_ids: Sequence[int], grids: Sequence[Sequence[int]], image_token_id: int,
+               merge_size: int = 2) -> tuple[np.ndarray, int]:
+    """→ (positions [3, len(input_ids)] int64, delta): text tokens count up on all three rows; an image's tokens
+    take (t, row, column) of its merged patch grid after the text before it; text after an image continues from
+    the image's largest position + 1. A decode step at KV position p uses position p + delta on all three rows."""
+    ids = np.asarray(input_ids, dtype=np.int64)
+    rows, start, next_position = [], 0, 0
+    image_positions = np.flatnonzero(ids == image_token_id)
+    used = 0
+    for t, h, w in grids:
+        gh, gw = h // merge_size, w // merge_size
+        count = t * gh * gw
+        if used + count > len(image_positions):
+            raise InvalidRequestError("the prompt has fewer image tokens than its images need", param="messages")
+        end = int(image_positions[used])  # the image's first token
+        text = end - start
+        rows.append(np.broadcast_to(np.arange(text, dtype=np.int64) + next_position, (3, text)))
+        grid = np.stack([np.repeat(np.arange(t), gh * gw), np.tile(np.repeat(np.arange(gh), gw), t),
+                         np.tile(np.arange(gw), t * gh)]).astype(np.int64)
+        rows.append(grid + text + next_position)
+        next_position = int(rows[-1].max()) + 1
+        start, used = end + count, used + count
+    rest = len(ids) - start
+    rows.append(np.broadcast_to(np.arange(rest, dtype=np.int64) + next_position, (3, rest)))
+    positions = np.concatenate(rows, axis=1)
+    return positions, int(positions.max()) + 1 - len(ids) if len(ids) else 0

@@ -1,0 +1,118 @@
+"""Qwen2-VL's runtime pieces against transformers: preprocessing within 1e-5, the image-token layout and the M-RoPE
+positions (`get_rope_index`). The family is not servable yet (no export): these are its parts, proven first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgevlm.runtime.errors import ImageError
+from edgevlm.runtime.families.qwen2vl import Qwen2VLLayout, rope_index
+from edgevlm.runtime.preprocess.qwen2vl import Qwen2VLImageConfig, image_grid, preprocess
+
+FIXTURE = Path(__file__).parent / "fixtures" / "qwen2-vl-2b"
+PROCESSOR = json.loads((FIXTURE / "preprocessor_config.json").read_text())
+CONFIG = json.loads((FIXTURE / "config.json").read_text())
+
+
+def picture(width: int, height: int, seed: int) -> Image.Image:
+    """Smooth gradients plus noise: every resampling filter and rounding shows in it."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / max(1, width - 1), y * 255 / max(1, height - 1),
+                     (x + y) * 127 / max(1, width + height - 2)], axis=-1)
+    noisy = base + rng.normal(0, 25, base.shape)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
+
+
+SIZES = [(10, 10), (28, 28), (56, 56), (57, 29), (100, 37), (37, 100), (224, 224), (333, 250), (640, 480),
+         (480, 640), (1024, 768), (1500, 1000), (3000, 20), (20, 3000), (801, 799)]
+
+
+@pytest.fixture(scope="module")
+def hf():
+    from transformers import Qwen2VLImageProcessor
+
+    return Qwen2VLImageProcessor(**PROCESSOR)
+
+
+@pytest.mark.parametrize("width, height", SIZES)
+def test_preprocessing_matches_the_processor(hf, width, height):
+    config = Qwen2VLImageConfig.from_dict(PROCESSOR)
+    image = picture(width, height, seed=width * 7 + height)
+    expected = hf(images=[image], return_tensors="np")
+    values, grids = preprocess([image], config)
+    assert grids.tolist() == expected["image_grid_thw"].tolist()
+    assert tuple(image_grid(width, height, config)) == tuple(expected["image_grid_thw"][0])
+    assert values.shape == expected["pixel_values"].shape and values.dtype == np.float32
+    assert np.abs(values - expected["pixel_values"]).max() <= 1e-5
+
+
+def test_two_images_and_a_lower_pixel_budget(hf):
+    """Several images concatenate their patches in order; detail "low" is the processor with a smaller
+    max_pixels (256 tokens' worth)."""
+    from transformers import Qwen2VLImageProcessor
+
+    config = Qwen2VLImageConfig.from_dict(PROCESSOR)
+    images = [picture(640, 480, 1), picture(300, 900, 2)]
+    expected = hf(images=images, return_tensors="np")
+    values, grids = preprocess(images, config)
+    assert grids.tolist() == expected["image_grid_thw"].tolist()
+    assert np.abs(values - expected["pixel_values"]).max() <= 1e-5
+    low = 256 * 28 * 28
+    reference = Qwen2VLImageProcessor(**{**PROCESSOR, "max_pixels": low})(images=images, return_tensors="np")
+    values, grids = preprocess(images, config, max_pixels=low)
+    assert grids.tolist() == reference["image_grid_thw"].tolist()
+    assert np.abs(values - reference["pixel_values"]).max() <= 1e-5
+    assert all(t * h * w // 4 <= 256 for t, h, w in grids.tolist())
+
+
+def test_an_extreme_aspect_ratio_is_a_clear_error(hf):
+    config = Qwen2VLImageConfig.from_dict(PROCESSOR)
+    with pytest.raises(ValueError):
+        hf(images=[picture(2010, 10, 0)], return_tensors="np")
+    with pytest.raises(ImageError, match="aspect ratio"):
+        preprocess([picture(2010, 10, 0)], config)
+
+
+def test_the_image_tokens_expand_as_the_processor_does():
+    layout = Qwen2VLLayout()
+    template = json.loads((FIXTURE / "chat_template.instruct.json").read_text())["chat_template"]
+    from edgevlm.runtime.prompt import ChatTemplate
+
+    text = ChatTemplate(template).render([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}, {"type": "text", "text": "?"}]}],
+        add_generation_prompt=True)
+    assert text.count(layout.placeholder) == 2
+    grids = [(1, 16, 22), (1, 4, 6)]
+    expanded = layout.expand(text, grids)
+    # Qwen2VLProcessor: each <|image_pad|> becomes grid.prod() // merge_size**2 of them.
+    assert expanded.count("<|image_pad|>") == 16 * 22 // 4 + 4 * 6 // 4
+    first = expanded.index("<|vision_start|>")
+    assert expanded[first:].startswith("<|vision_start|>" + "<|image_pad|>" * 88 + "<|vision_end|>")
+    assert expanded.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("grids", [[], [(1, 16, 22)], [(1, 4, 6), (1, 30, 2)], [(1, 2, 2), (1, 6, 4), (1, 8, 8)]])
+def test_mrope_positions_match_get_rope_index(grids):
+    import torch
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+    image, start, end = CONFIG["image_token_id"], CONFIG["vision_start_token_id"], CONFIG["vision_end_token_id"]
+    rng = np.random.default_rng(len(grids))
+    ids = list(rng.integers(0, 1000, 5))
+    for t, h, w in grids:
+        ids += [start] + [image] * (t * h * w // 4) + [end] + list(rng.integers(0, 1000, int(rng.integers(1, 9))))
+    fake = SimpleNamespace(config=SimpleNamespace(
+        vision_config=SimpleNamespace(spatial_merge_size=2), image_token_id=image,
+        video_token_id=CONFIG["video_token_id"], vision_start_token_id=start))
+    expected, delta = Qwen2VLModel.get_rope_index(
+        fake, torch.tensor([ids]), torch.tensor(grids) if grids else None, None, None)
+    positions, ours = rope_index(ids, grids, image)
+    assert positions.tolist() == expected[:, 0].tolist()
+    assert ours == int(delta.reshape(-1)[0])
