@@ -99,15 +99,14 @@ def _read_config(source: str, hub_kwargs: dict) -> tuple[dict, str]:
 
 
 def _family_for(config: dict):
-    from .families import idefics3
+    from .families import family_for
 
-    model_type = config.get("model_type")
-    architectures = config.get("architectures") or []
-    for family in (idefics3,):
-        if model_type in family.MODEL_TYPES or any(a in family.ARCHITECTURES for a in architectures):
-            return family
-    names = ", ".join(architectures) or "unknown architecture"
-    raise ExportError(f"unsupported model: {names} (model_type {model_type!r}); supported families: {SUPPORTED}")
+    family = family_for(config)
+    if family is None:
+        names = ", ".join(config.get("architectures") or []) or "unknown architecture"
+        raise ExportError(f"unsupported model: {names} (model_type {config.get('model_type')!r}); supported "
+                          f"families: {SUPPORTED}")
+    return family
 
 
 def _prepare_output(out_dir: Path, overwrite: bool) -> None:
@@ -182,19 +181,8 @@ def _export_graphs(family, model, work: Path, progress: Progress,
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*aten::index.*")
         progress("vision_encoder: tracing and exporting (torch.onnx, TorchScript exporter)")
-        vision = family.VisionEncoder(model).eval()
-        pixel_values, pixel_mask = family.vision_dummy_inputs(model)
         path = work / GRAPH_FILES["vision_encoder"]
-        torch.onnx.export(
-            vision, (pixel_values, pixel_mask), str(path),
-            input_names=["pixel_values", "pixel_attention_mask"], output_names=["image_features"],
-            dynamic_axes={
-                "pixel_values": {0: "batch_size", 1: "num_images", 3: "height", 4: "width"},
-                "pixel_attention_mask": {0: "batch_size", 1: "num_images", 2: "height", 3: "width"},
-                "image_features": {0: "num_real_images", 1: "image_sequence_length"},
-            },
-            opset_version=OPSET, dynamo=False,
-        )
+        family.export_vision(model, path, OPSET)
         files["vision_encoder"] = _save_external_if_large(path)
         progress(f"vision_encoder: done ({_size_mb(work, files['vision_encoder'])})")
 

@@ -11,29 +11,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..runtime.engine import Engine
-from .samples import sample_image
 from ..runtime.package import ModelPackage
+from .families import family_named
+from .samples import sample_image
 
 # fp32 graphs compute what torch computes up to float reordering; 1e-3 on logits is the project's bound.
 FP32_ATOL = 1e-3
-
-
-def chat_inputs(processor, images: list[Image.Image], question: str, *, split_images: bool | None = None) -> dict:
-    """Processor outputs for one user turn with `images` then `question`, as transformers builds them."""
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    image_processor = processor.image_processor
-    configured = image_processor.do_image_splitting
-    if split_images is not None:
-        # The processor's call takes no per-call switch for splitting in transformers 4.57.
-        image_processor.do_image_splitting = split_images
-    try:
-        return processor(text=prompt, images=images or None, return_tensors="pt")
-    finally:
-        image_processor.do_image_splitting = configured
 
 
 @dataclass
@@ -117,17 +102,16 @@ def _max_diff(a, b) -> float:
 def verify_package(model, processor, package: ModelPackage, *, greedy_tokens: int = 16,
                    atol: float = FP32_ATOL) -> Report:
     engine = Engine(package)
+    family = family_named(package.manifest["family"])
     report = Report()
     eos_ids = list(package.tokens["eos_token_ids"])
-    # One tile keeps the check fast at real sizes (17 tiles of 512 px take a minute on a laptop CPU); the test
-    # suite covers image splitting.
-    inputs = chat_inputs(processor, [sample_image()], "Describe this image.", split_images=False)
+    # One view per image keeps the check fast at real sizes (17 tiles of 512 px take a minute on a laptop CPU);
+    # the test suite covers image splitting.
+    inputs = family.chat_inputs(processor, [sample_image()], "Describe this image.", single_view=True)
     input_ids = inputs["input_ids"]
-    pixel_values = inputs["pixel_values"]
-    pixel_mask = inputs["pixel_attention_mask"].bool()
 
-    hf_features = model.model.get_image_features(pixel_values, pixel_mask)
-    features = engine.encode_images(pixel_values.numpy(), pixel_mask.numpy())
+    hf_features = family.reference_features(model, inputs)
+    features = family.package_features(engine, inputs)
     report.checks.append(("vision_encoder features", _max_diff(features, hf_features), atol))
 
     # The references are transformers' own modules, not the export wrappers.
@@ -189,14 +173,13 @@ def compare_packages(processor, reference: ModelPackage, package: ModelPackage) 
 
     Logit figures cover the prompt's last 32 positions (teacher-forced), so fused and portable decoders compare
     alike."""
-    inputs = chat_inputs(processor, [sample_image()], "Describe this image.", split_images=False)
+    family = family_named(package.manifest["family"])
+    inputs = family.chat_inputs(processor, [sample_image()], "Describe this image.", single_view=True)
     input_ids = inputs["input_ids"].numpy()
-    pixel_values = inputs["pixel_values"].numpy()
-    pixel_mask = inputs["pixel_attention_mask"].numpy().astype(bool)
     outputs = []
     for pkg in (reference, package):
         engine = Engine(pkg)
-        features = engine.encode_images(pixel_values, pixel_mask)
+        features = family.package_features(engine, inputs)
         logits = position_logits(engine, input_ids, features)
         outputs.append((features.astype(np.float64), logits.astype(np.float64)))
     (ref_features, ref_logits), (features, logits) = outputs

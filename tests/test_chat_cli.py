@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from edgevlm.export.samples import sample_image
-from edgevlm.export.verify import chat_inputs
+from edgevlm.export.families.idefics3 import chat_inputs
 
 
 def chat(*args: str) -> subprocess.CompletedProcess:

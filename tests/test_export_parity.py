@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from edgevlm.export.samples import sample_image
-from edgevlm.export.verify import chat_inputs
+from edgevlm.export.families.idefics3 import chat_inputs
 from edgevlm.runtime.engine import Engine
 from edgevlm.runtime.package import ModelPackage
 

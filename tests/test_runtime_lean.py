@@ -10,7 +10,7 @@ import sys
 import torch
 
 from edgevlm.export.samples import sample_image
-from edgevlm.export.verify import chat_inputs
+from edgevlm.export.families.idefics3 import chat_inputs
 
 BLOCKER = """
 import importlib.abc, sys

@@ -189,6 +189,47 @@ def decoder_onnx_config(text_config):
     return Idefics3DecoderOnnxConfig(text_config, task="text-generation", use_past=True, use_past_in_inputs=True)
 
 
+def export_vision(model, path, opset: int) -> None:
+    """The vision encoder graph: pixel_values + pixel_attention_mask → image_features (onnx-community's names)."""
+    pixel_values, pixel_mask = vision_dummy_inputs(model)
+    torch.onnx.export(
+        VisionEncoder(model).eval(), (pixel_values, pixel_mask), str(path),
+        input_names=["pixel_values", "pixel_attention_mask"], output_names=["image_features"],
+        dynamic_axes={
+            "pixel_values": {0: "batch_size", 1: "num_images", 3: "height", 4: "width"},
+            "pixel_attention_mask": {0: "batch_size", 1: "num_images", 2: "height", 3: "width"},
+            "image_features": {0: "num_real_images", 1: "image_sequence_length"},
+        },
+        opset_version=opset, dynamo=False,
+    )
+
+
+def chat_inputs(processor, images, question: str, *, single_view: bool | None = None) -> dict:
+    """Processor outputs for one user turn with `images` then `question`, as transformers builds them;
+    `single_view`: True = no image splitting (one tile per image), None = the processor's setting."""
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    image_processor = processor.image_processor
+    configured = image_processor.do_image_splitting
+    if single_view is not None:
+        # The processor's call takes no per-call switch for splitting in transformers 4.57.
+        image_processor.do_image_splitting = not single_view
+    try:
+        return processor(text=prompt, images=images or None, return_tensors="pt")
+    finally:
+        image_processor.do_image_splitting = configured
+
+
+def reference_features(model, inputs) -> torch.Tensor:
+    """transformers' image features for processor `inputs` (the reference for the vision graph)."""
+    return model.model.get_image_features(inputs["pixel_values"], inputs["pixel_attention_mask"].bool())
+
+
+def package_features(engine, inputs):
+    """The exported vision graph's features for the same inputs, through the runtime engine."""
+    return engine.encode_images(inputs["pixel_values"].numpy(), inputs["pixel_attention_mask"].numpy().astype(bool))
+
+
 def vision_dummy_inputs(model) -> tuple[torch.Tensor, torch.Tensor]:
     """Two images of two tiles each, one tile with a padded bottom-right area (dims ≥ 2 stay symbolic)."""
     size = model.config.vision_config.image_size
