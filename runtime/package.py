@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PackageError
+from .families import FAMILIES
 
 FORMAT = "edgevlm.package"
 FORMAT_VERSION = 1
 MANIFEST = "model.json"
-SUPPORTED_FAMILIES = ("idefics3",)
 GRAPHS = ("vision_encoder", "embed_tokens", "decoder")
 
 
@@ -53,10 +53,10 @@ class ModelPackage:
                 f"model package {path}: format version {manifest.get('format_version')!r} is not supported by this "
                 f"runtime (it reads version {FORMAT_VERSION}); re-export the model with this edgevlm version"
             )
-        if manifest.get("family") not in SUPPORTED_FAMILIES:
+        if manifest.get("family") not in FAMILIES:
             raise PackageError(
                 f"model package {path}: model family {manifest.get('family')!r} is not supported "
-                f"(supported: {', '.join(SUPPORTED_FAMILIES)})"
+                f"(supported: {', '.join(FAMILIES)})"
             )
         package = cls(path=path, manifest=manifest)
         if verify:
