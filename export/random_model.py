@@ -1,4 +1,4 @@
-"""Random-weight Idefics3 checkpoints built from a model card's real metadata.
+"""Random-weight Idefics3 and Qwen2-VL checkpoints built from a model card's real metadata.
 
 No pretrained weights can be downloaded where this project is tested, so tests and benchmarks build checkpoints
 from a model card folder (config, tokenizer, chat template, processor configs): either at the card's real size
@@ -108,3 +108,86 @@ def build_random_idefics3(card_dir: str | Path, out_dir: str | Path, *, dims: Ti
     (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     (out_dir / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     return out_dir
+
+
+@dataclass(frozen=True)
+class QwenTinyDims:
+    """Widths and depths for a shrunk Qwen2-VL model (the vision tower keeps 14-pixel patches and 2×2 merging,
+    so the processor's arithmetic is the real one)."""
+
+    vision_embed: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 128
+    mrope_section: tuple[int, int, int] = (2, 3, 3)  # halves of the rotary dims per (t, h, w): sum = head_dim / 2
+    max_positions: int = 4096
+    max_pixels: int = 64 * 28 * 28  # at most 64 image tokens an image (the card: 16,384)
+
+
+def build_random_qwen2vl(card_dir: str | Path, out_dir: str | Path, *, dims: QwenTinyDims | None = None,
+                         seed: int = 0, chat_template: str | None = None) -> Path:
+    """Write a random-weight Qwen2VLForConditionalGeneration checkpoint to `out_dir`, with a tokenizer.json built
+    from the card's vocab.json + merges.txt + tokenizer_config.json and `chat_template` (the card's Instruct
+    template file's text by default, when the card has one). `dims=None` keeps the real dimensions."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    card_dir, out_dir = Path(card_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_dict = json.loads((card_dir / "config.json").read_text())
+    preprocessor = json.loads((card_dir / "preprocessor_config.json").read_text())
+    if dims is not None:
+        config_dict.update(hidden_size=dims.text_hidden, num_hidden_layers=dims.text_layers,
+                           num_attention_heads=dims.text_heads, num_key_value_heads=dims.text_kv_heads,
+                           intermediate_size=dims.text_intermediate, max_position_embeddings=dims.max_positions,
+                           max_window_layers=dims.text_layers)
+        config_dict["rope_scaling"] = {"type": "mrope", "mrope_section": list(dims.mrope_section)}
+        config_dict["vision_config"].update(depth=dims.vision_layers, embed_dim=dims.vision_embed,
+                                            num_heads=dims.vision_heads, hidden_size=dims.text_hidden)
+        preprocessor["max_pixels"] = dims.max_pixels
+    config_dict["torch_dtype"] = "float32"
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**config_dict)).eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+    template_file = card_dir / "chat_template.instruct.json"
+    if chat_template is None and template_file.exists():
+        chat_template = json.loads(template_file.read_text())["chat_template"]
+    tokenizer = _qwen2_tokenizer(card_dir)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+        (out_dir / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}, indent=2) + "\n")
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    if (card_dir / "generation_config.json").exists():
+        shutil.copyfile(card_dir / "generation_config.json", out_dir / "generation_config.json")
+    return out_dir
+
+
+def _qwen2_tokenizer(card_dir: Path):
+    """Qwen2TokenizerFast from vocab.json + merges.txt, with tokenizer_config.json's added tokens at their ids."""
+    from tokenizers import AddedToken
+    from transformers import Qwen2TokenizerFast
+
+    settings = json.loads((card_dir / "tokenizer_config.json").read_text())
+    added = sorted(((int(i), t) for i, t in settings.get("added_tokens_decoder", {}).items()), key=lambda x: x[0])
+    tokenizer = Qwen2TokenizerFast(vocab_file=str(card_dir / "vocab.json"), merges_file=str(card_dir / "merges.txt"),
+                                   errors=settings.get("errors", "replace"), unk_token=None, bos_token=None,
+                                   eos_token=None, pad_token=None)
+    for token_id, token in added:
+        tokenizer.add_tokens([AddedToken(token["content"], special=token.get("special", True),
+                                         normalized=token.get("normalized", False), lstrip=token.get("lstrip", False),
+                                         rstrip=token.get("rstrip", False), single_word=token.get("single_word", False))],
+                             special_tokens=token.get("special", True))
+        if tokenizer.convert_tokens_to_ids(token["content"]) != token_id:
+            raise ValueError(f"added token {token['content']!r} got id "
+                             f"{tokenizer.convert_tokens_to_ids(token['content'])}, not {token_id}")
+    tokenizer.eos_token = settings.get("eos_token")
+    tokenizer.pad_token = settings.get("pad_token")
+    tokenizer.additional_special_tokens = settings.get("additional_special_tokens", [])
+    tokenizer.model_max_length = settings.get("model_max_length", tokenizer.model_max_length)
+    return tokenizer

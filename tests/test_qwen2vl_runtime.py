@@ -116,3 +116,51 @@ def test_mrope_positions_match_get_rope_index(grids):
     positions, ours = rope_index(ids, grids, image)
     assert positions.tolist() == expected[:, 0].tolist()
     assert ours == int(delta.reshape(-1)[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory):
+    from edgevlm.export.random_model import QwenTinyDims, build_random_qwen2vl
+
+    return build_random_qwen2vl(FIXTURE, tmp_path_factory.mktemp("tiny-qwen2vl"), dims=QwenTinyDims())
+
+
+def test_the_runtime_prompt_and_pixels_drive_transformers_like_its_own(tiny_qwen):
+    """A tiny random Qwen2VLForConditionalGeneration built from the card: the runtime's chat template rendering,
+    image-token expansion, tokenization (tokenizers, tokenizer.json) and pixels give the ids transformers' own
+    tokenizer gives for the processor's expansion, and the same greedy tokens from the model."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    from edgevlm.runtime.prompt import ChatTemplate, encode_prompt
+
+    images = [picture(300, 200, 3), picture(120, 260, 4)]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"},
+                                             {"type": "image"}, {"type": "text", "text": "please."}]}]
+    processor_config = json.loads((tiny_qwen / "preprocessor_config.json").read_text())
+    config = Qwen2VLImageConfig.from_dict(processor_config)
+    layout = Qwen2VLLayout()
+    template = json.loads((tiny_qwen / "chat_template.json").read_text())["chat_template"]
+    values, grids = preprocess(images, config)
+    text = layout.expand(ChatTemplate(template).render(messages, add_generation_prompt=True), grids.tolist())
+    ours = encode_prompt(Tokenizer.from_file(str(tiny_qwen / "tokenizer.json")), text)
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
+    hf_images = Qwen2VLImageProcessor(**processor_config)(images=images, return_tensors="pt")
+    prompt = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    for grid in hf_images["image_grid_thw"]:  # Qwen2VLProcessor's expansion, one image at a time
+        prompt = prompt.replace("<|image_pad|>", "<|placeholder|>" * (int(grid.prod()) // 4), 1)
+    reference = hf_tokenizer(prompt.replace("<|placeholder|>", "<|image_pad|>"))["input_ids"]
+    assert ours == reference
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen).eval()
+    with torch.no_grad():
+        theirs = model.generate(input_ids=torch.tensor([reference]), pixel_values=hf_images["pixel_values"],
+                                image_grid_thw=hf_images["image_grid_thw"], max_new_tokens=8, do_sample=False)
+        mine = model.generate(input_ids=torch.tensor([ours]), pixel_values=torch.from_numpy(values),
+                              image_grid_thw=torch.from_numpy(grids), max_new_tokens=8, do_sample=False)
+    assert mine.tolist() == theirs.tolist()
+    positions, delta = rope_index(ours, grids.tolist(), CONFIG["image_token_id"])
+    expected, expected_delta = model.model.get_rope_index(torch.tensor([ours]), torch.from_numpy(grids))
+    assert positions.tolist() == expected[:, 0].tolist() and delta == int(expected_delta.reshape(-1)[0])
