@@ -164,3 +164,51 @@ def test_the_runtime_prompt_and_pixels_drive_transformers_like_its_own(tiny_qwen
     positions, delta = rope_index(ours, grids.tolist(), CONFIG["image_token_id"])
     expected, expected_delta = model.model.get_rope_index(torch.tensor([ours]), torch.from_numpy(grids))
     assert positions.tolist() == expected[:, 0].tolist() and delta == int(expected_delta.reshape(-1)[0])
+
+
+def test_the_exportable_vision_encoder_equals_transformers(tiny_qwen):
+    """The vision tower with its grid-derived inputs computed on the host (runtime) equals HF's on one image and
+    on two images of different sizes (attention stays within each image)."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from edgevlm.export.families.qwen2vl import VisionEncoder
+    from edgevlm.runtime.families.qwen2vl import vision_positions
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen).eval()
+    config = Qwen2VLImageConfig.from_dict(json.loads((tiny_qwen / "preprocessor_config.json").read_text()))
+    encoder = VisionEncoder(model).eval()
+    for images in ([picture(300, 200, 5)], [picture(300, 200, 5), picture(90, 400, 6)]):
+        values, grids = preprocess(images, config)
+        positions, segments = vision_positions(grids.tolist())
+        with torch.no_grad():
+            expected = model.model.visual(torch.from_numpy(values), grid_thw=torch.from_numpy(grids))
+            ours = encoder(torch.from_numpy(values), torch.from_numpy(positions), torch.from_numpy(segments))
+        assert ours.shape == expected.shape
+        assert float((ours - expected).abs().max()) < 1e-5
+
+
+def test_the_vision_graph_runs_any_image_count_and_size(tiny_qwen, tmp_path):
+    """Exported once (traced on two images of 4×6 and 2×8 patches), the ONNX graph gives HF's features for other
+    counts and sizes: nothing about the grid is baked in."""
+    import onnxruntime as ort
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from edgevlm.export.families.qwen2vl import export_vision
+    from edgevlm.runtime.families.qwen2vl import vision_positions
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen).eval()
+    path = tmp_path / "vision_encoder.onnx"
+    with torch.no_grad():
+        export_vision(model, path, 17)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    config = Qwen2VLImageConfig.from_dict(json.loads((tiny_qwen / "preprocessor_config.json").read_text()))
+    for images in ([picture(500, 300, 7)], [picture(60, 60, 8), picture(200, 420, 9), picture(333, 111, 10)]):
+        values, grids = preprocess(images, config)
+        positions, segments = vision_positions(grids.tolist())
+        (features,) = session.run(None, {"pixel_values": values, "position_ids": positions, "segment_ids": segments})
+        with torch.no_grad():
+            expected = model.model.visual(torch.from_numpy(values), grid_thw=torch.from_numpy(grids)).numpy()
+        assert features.shape == expected.shape
+        assert float(np.abs(features - expected).max()) < 1e-4

@@ -4,7 +4,9 @@
   (h·w / merge²) + ``<|vision_end|>``; the chat template writes the three tokens, `expand` repeats the pad, as
   ``Qwen2VLProcessor`` does;
 - `rope_index`: the 3-D M-RoPE positions (temporal, height, width) of a prompt with images, and the offset its
-  decode positions take after it (``Qwen2VLModel.get_rope_index`` in transformers 4.57, still images only).
+  decode positions take after it (``Qwen2VLModel.get_rope_index`` in transformers 4.57, still images only);
+- `vision_positions`: the vision tower's per-patch inputs that HF derives from grid_thw inside the model (each
+  patch's row and column in the merger's 2×2 order, and which image it belongs to).
 
 Not registered in `FAMILIES`: there is no Qwen export yet, so no package can name this family.
 """
@@ -75,3 +77,19 @@ def rope_index(input_ids: Sequence[int], grids: Sequence[Sequence[int]], image_t
     rows.append(np.broadcast_to(np.arange(rest, dtype=np.int64) + next_position, (3, rest)))
     positions = np.concatenate(rows, axis=1)
     return positions, int(positions.max()) + 1 - len(ids) if len(ids) else 0
+
+
+def vision_positions(grids: Sequence[Sequence[int]], merge_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """→ (position_ids [patches, 2] int64: row and column of each patch, segment_ids [patches] int64: its image),
+    patches in the order the image processor emits them (HF's ``rot_pos_emb`` and ``cu_seqlens``)."""
+    positions, segments = [], []
+    for index, (t, h, w) in enumerate(grids):
+        m = merge_size
+        rows = np.broadcast_to(np.arange(h)[:, None], (h, w)).reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3)
+        cols = np.broadcast_to(np.arange(w)[None, :], (h, w)).reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3)
+        pairs = np.stack([rows.reshape(-1), cols.reshape(-1)], axis=-1)
+        positions.append(np.tile(pairs, (t, 1)))
+        segments.append(np.full(t * h * w, index))
+    if not positions:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
+    return np.concatenate(positions).astype(np.int64), np.concatenate(segments).astype(np.int64)
