@@ -52,9 +52,10 @@ _MS = "com.microsoft"
 
 
 def _text_parts(model):
-    """(LlamaModel, lm_head weight, text_config) from an Idefics3ForConditionalGeneration (or a Llama CausalLM)."""
+    """(text model, lm_head weight, text_config) from an Idefics3 / Qwen2-VL ForConditionalGeneration (or a Llama
+    CausalLM)."""
     inner = model.model
-    text_model = getattr(inner, "text_model", inner)
+    text_model = getattr(inner, "text_model", None) or getattr(inner, "language_model", None) or inner
     config = getattr(model.config, "text_config", model.config)
     return text_model, model.lm_head.weight, config
 
@@ -98,8 +99,14 @@ def build_fused_decoder(model, out_path, *, max_sequence_length: int | None = No
     eps = float(cfg.rms_norm_eps)
     vocab = lm_head_weight.shape[0]
     max_len = int(max_sequence_length or cfg.max_position_embeddings)
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-        raise NotImplementedError("Llama variants with attention/MLP biases are not supported by this builder")
+    if getattr(cfg, "mlp_bias", False) or text_model.layers[0].self_attn.o_proj.bias is not None:
+        raise NotImplementedError("MLP or output-projection biases are not supported by this builder")
+    # Qwen2-VL's M-RoPE: each token's rotary angles come from 3 positions (t, h, w), one per section of the head
+    # dims, so no single position per token (GroupQueryAttention's own rotary) describes them. Then the graph takes
+    # cos/sin rows and per-token indices into them as inputs and rotates Q and K with RotaryEmbedding: a prefill
+    # chunk passes its tokens' own rows, a decode step the 1-D table at each row's position + rope offset.
+    rope = getattr(cfg, "rope_scaling", None) or {}
+    mrope = list(rope["mrope_section"]) if "mrope_section" in rope else None
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise NotImplementedError(f"hidden_act {cfg.hidden_act!r}: only SiLU (SwiGLU) is supported")
 
@@ -113,9 +120,10 @@ def build_fused_decoder(model, out_path, *, max_sequence_length: int | None = No
     def node(op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attrs) -> None:
         nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain or None, **attrs))
 
-    cos, sin = _rotary_caches(text_model, cfg, max_len)
-    init("cos_cache", cos)
-    init("sin_cache", sin)
+    if mrope is None:
+        cos, sin = _rotary_caches(text_model, cfg, max_len)
+        init("cos_cache", cos)
+        init("sin_cache", sin)
 
     # Weights are stored pre-transposed as [in, out] so MatMul reads them directly (and MatMulNBits quantisation
     # later sees the usual [K, N] layout).
@@ -141,19 +149,36 @@ def build_fused_decoder(model, out_path, *, max_sequence_length: int | None = No
         # Q, K, V in one MatMul: one pass over the activations, one GEMM dispatch instead of three.
         w_qkv = np.concatenate([_np(attn.q_proj.weight), _np(attn.k_proj.weight), _np(attn.v_proj.weight)], 0).T
         qkv_w = init(f"model.layers.{i}.attn.qkv_proj.MatMul.weight", w_qkv)
-        node("MatMul", [normed, qkv_w], [f"{p}/attn/qkv_proj/output_0"], f"{p}/attn/qkv_proj/MatMul")
+        qkv = f"{p}/attn/qkv_proj/output_0"
+        node("MatMul", [normed, qkv_w], [qkv], f"{p}/attn/qkv_proj/MatMul")
+        if attn.q_proj.bias is not None:  # Qwen2: q/k/v biases, added once to the packed projection
+            bias = np.concatenate([_np(attn.q_proj.bias), _np(attn.k_proj.bias), _np(attn.v_proj.bias)])
+            qkv_b = init(f"model.layers.{i}.attn.qkv_proj.Add.bias", bias)
+            node("Add", [qkv, qkv_b], [f"{p}/attn/qkv_proj/Add/output_0"], f"{p}/attn/qkv_proj/Add")
+            qkv = f"{p}/attn/qkv_proj/Add/output_0"
+        gqa_inputs = [qkv, "", ""]
+        if mrope is not None:
+            sizes = init(f"{p}/attn/qkv_split_sizes",
+                         np.array([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dtype=np.int64))
+            node("Split", [qkv, sizes], [f"{p}/attn/q", f"{p}/attn/k", f"{p}/attn/v"], f"{p}/attn/qkv_Split", axis=-1)
+            for name, count in (("q", heads), ("k", kv_heads)):
+                node("RotaryEmbedding", [f"{p}/attn/{name}", "position_ids", "cos_cache", "sin_cache"],
+                     [f"{p}/attn/{name}_rotary"], f"{p}/attn/{name}_rotary/RotaryEmbedding", domain=_MS,
+                     num_heads=count, interleaved=0)
+            gqa_inputs = [f"{p}/attn/q_rotary", f"{p}/attn/k_rotary", f"{p}/attn/v"]
 
         # Packed QKV into GroupQueryAttention (key/value inputs left empty). It applies rotary to Q and K using
         # positions derived from seqlens_k/total_sequence_length, appends K/V to the cache (in place when past and
         # present share a buffer), shares each KV head across heads/kv_heads query heads, and applies the causal
         # mask — the work of ~40 nodes in the traced graph.
+        rotary = [] if mrope is not None else ["cos_cache", "sin_cache"]
         node("GroupQueryAttention",
-             [f"{p}/attn/qkv_proj/output_0", "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-              "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
+             [*gqa_inputs, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+              "seqlens_k", "total_sequence_length", *rotary],
              [f"{p}/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
              f"{p}/attn/GroupQueryAttention", domain=_MS,
              num_heads=heads, kv_num_heads=kv_heads, scale=float(head_dim) ** -0.5,
-             do_rotary=1, rotary_interleaved=0, local_window_size=-1)
+             do_rotary=0 if mrope is not None else 1, rotary_interleaved=0, local_window_size=-1)
         o_w = init(f"model.layers.{i}.attn.o_proj.MatMul.weight", _np(attn.o_proj.weight).T)
         node("MatMul", [f"{p}/attn/GroupQueryAttention/output_0", o_w], [f"{p}/attn/o_proj/output_0"],
              f"{p}/attn/o_proj/MatMul")
@@ -206,6 +231,11 @@ def build_fused_decoder(model, out_path, *, max_sequence_length: int | None = No
             graph_outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, kv_out))
     graph_inputs.append(helper.make_tensor_value_info("seqlens_k", i32, ["batch_size"]))
     graph_inputs.append(helper.make_tensor_value_info("total_sequence_length", i32, []))
+    if mrope is not None:
+        graph_inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64,
+                                                          ["batch_size", "sequence_length"]))
+        graph_inputs.append(helper.make_tensor_value_info("cos_cache", f32, ["rotary_rows", head_dim // 2]))
+        graph_inputs.append(helper.make_tensor_value_info("sin_cache", f32, ["rotary_rows", head_dim // 2]))
 
     graph = helper.make_graph(nodes, "edgevlm_fused_llama_decoder", graph_inputs, graph_outputs, inits)
     onnx_model = helper.make_model(
@@ -246,6 +276,7 @@ def build_fused_decoder(model, out_path, *, max_sequence_length: int | None = No
         "max_sequence_length": max_len,
         "past_present_share_buffer": True,  # supported (bind one buffer as past and present); not required
         "logits": "last_position",
+        **({"rotary": "mrope", "mrope_section": mrope, "rope_theta": float(cfg.rope_theta)} if mrope else {}),
         "node_count": len(nodes),
         "quantization": "fp32",
     }

@@ -212,3 +212,72 @@ def test_the_vision_graph_runs_any_image_count_and_size(tiny_qwen, tmp_path):
             expected = model.model.visual(torch.from_numpy(values), grid_thw=torch.from_numpy(grids)).numpy()
         assert features.shape == expected.shape
         assert float(np.abs(features - expected).max()) < 1e-4
+
+
+def test_the_fused_mrope_decoder_matches_transformers(tiny_qwen, tmp_path):
+    """The fused decoder built for Qwen2-VL (q/k/v biases, M-RoPE through RotaryEmbedding with host-made cos/sin
+    rows) gives HF's logits on an image prompt at prefill and at two decode steps at position + rope offset."""
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    from edgevlm.export.fused_decoder import build_fused_decoder
+    from edgevlm.runtime.families.qwen2vl import inv_freq, mrope_tables
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen).eval()
+    info = build_fused_decoder(model, tmp_path / "decoder.onnx", max_sequence_length=512)
+    assert info["rotary"] == "mrope"
+    session = ort.InferenceSession(str(tmp_path / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    text_config = model.config.text_config
+    head_dim = text_config.hidden_size // text_config.num_attention_heads
+    frequencies = inv_freq(head_dim, text_config.rope_theta)
+    sections = info["mrope_section"]
+
+    config = Qwen2VLImageConfig.from_dict(json.loads((tiny_qwen / "preprocessor_config.json").read_text()))
+    values, grids = preprocess([picture(300, 200, 11), picture(100, 160, 12)], config)
+    layout, tokenizer = Qwen2VLLayout(), AutoTokenizer.from_pretrained(tiny_qwen)
+    text = layout.expand("<|im_start|>user\n" + layout.placeholder + "and" + layout.placeholder
+                         + "?<|im_end|>\n<|im_start|>assistant\n", grids.tolist())
+    ids = tokenizer(text)["input_ids"]
+    image_id = CONFIG["image_token_id"]
+    positions, delta = rope_index(ids, grids.tolist(), image_id)
+    with torch.no_grad():
+        input_ids = torch.tensor([ids])
+        embeds = model.model.get_input_embeddings()(input_ids)
+        features = torch.cat(list(model.model.get_image_features(torch.from_numpy(values),
+                                                                  torch.from_numpy(grids))))
+        embeds[input_ids == image_id] = features
+        reference = model(inputs_embeds=embeds, position_ids=torch.from_numpy(positions)[:, None, :], use_cache=True)
+
+    layers, kv = text_config.num_hidden_layers, text_config.num_key_value_heads
+    past = {f"past_key_values.{i}.{k}": np.zeros((1, kv, 0, head_dim), np.float32)
+            for i in range(layers) for k in ("key", "value")}
+
+    def run(embeds_np, past, rows_positions, seq, total):
+        cos, sin = mrope_tables(rows_positions, frequencies, sections)
+        feed = {"inputs_embeds": embeds_np, **past, "seqlens_k": np.array([total - 1], np.int32),
+                "total_sequence_length": np.array(total, np.int32),
+                "position_ids": np.arange(seq, dtype=np.int64)[None], "cos_cache": cos, "sin_cache": sin}
+        logits, *present = session.run(None, feed)
+        return logits, {name: value for name, value in zip(list(past), present)}
+
+    logits, past = run(embeds.numpy(), past, positions, len(ids), len(ids))
+    assert np.abs(logits[0, -1] - reference.logits[0, -1].numpy()).max() < 1e-3
+    # The cached keys are rotated: they show any error in the M-RoPE angles (a tiny random model's logits are
+    # too flat to).
+    for i, layer in enumerate(reference.past_key_values.layers):
+        assert np.abs(past[f"past_key_values.{i}.key"] - layer.keys.numpy()).max() < 1e-4
+        assert np.abs(past[f"past_key_values.{i}.value"] - layer.values.numpy()).max() < 1e-4
+    cache, total = reference.past_key_values, len(ids)
+    token = int(reference.logits[0, -1].argmax())
+    for _ in range(2):  # decode: text tokens, all three positions = KV position + the prompt's rope offset
+        position = total + delta
+        with torch.no_grad():
+            step = model(input_ids=torch.tensor([[token]]), past_key_values=cache,
+                         position_ids=torch.full((3, 1, 1), position), use_cache=True)
+            embed = model.model.get_input_embeddings()(torch.tensor([[token]])).numpy()
+        logits, past = run(embed, past, np.full((3, 1), position), 1, total + 1)
+        assert np.abs(logits[0, -1] - step.logits[0, -1].numpy()).max() < 1e-3
+        for i, layer in enumerate(step.past_key_values.layers):  # the new key, rotated at position + offset
+            assert np.abs(past[f"past_key_values.{i}.key"][:, :, -1] - layer.keys[:, :, -1].numpy()).max() < 1e-4
+        cache, total, token = step.past_key_values, total + 1, int(step.logits[0, -1].argmax())

@@ -93,3 +93,20 @@ def vision_positions(grids: Sequence[Sequence[int]], merge_size: int = 2) -> tup
     if not positions:
         return np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
     return np.concatenate(positions).astype(np.int64), np.concatenate(segments).astype(np.int64)
+
+
+def inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    """The rotary inverse frequencies [head_dim / 2], float32 as transformers computes them."""
+    return (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+            ).astype(np.float32)
+
+
+def mrope_tables(positions: np.ndarray, frequencies: np.ndarray, sections: Sequence[int]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """cos / sin rows [tokens, head_dim / 2] for tokens at 3-D `positions` [3, tokens]: the first sections[0]
+    frequencies turn with the temporal position, the next sections[1] with the row, the last with the column
+    (``apply_multimodal_rotary_pos_emb``; the other half of each head repeats these)."""
+    bounds = np.cumsum([0, *sections])
+    row = np.repeat(np.arange(3), np.diff(bounds))  # which of t / h / w drives each frequency
+    angles = positions[row].T.astype(np.float32) * frequencies[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
