@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..runtime.package import FORMAT, FORMAT_VERSION, MANIFEST, ModelPackage, sha256_file
 
-SUPPORTED = "idefics3 (SmolVLM-256M/500M/2.2B-Instruct, Idefics3)"
+SUPPORTED = "idefics3 (SmolVLM-256M/500M/2.2B-Instruct, Idefics3), qwen2_vl (Qwen2-VL; fused decoder form only)"
 OPSET = 17
 # A protobuf file cannot exceed 2 GB: bigger graphs keep their weights in one external file beside them.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
@@ -206,10 +206,14 @@ def _export_graphs(family, model, work: Path, progress: Progress,
                                               external_threshold=EXTERNAL_DATA_THRESHOLD)
             files["decoder"] = [description["file"], *description.get("external_data", [])]
             decoder_fields = {key: description[key] for key in (
-                "form", "kv_dtype", "kv_layout", "max_sequence_length", "past_present_share_buffer", "logits")}
+                "form", "kv_dtype", "kv_layout", "max_sequence_length", "past_present_share_buffer", "logits",
+                "rotary", "mrope_section", "rope_theta") if key in description}
             progress(f"decoder (fused): done, {description['node_count']} nodes "
                      f"({_size_mb(work, files['decoder'])})")
         else:
+            if not hasattr(family, "Decoder"):
+                raise ExportError(f"the portable decoder form is not available for {family.FAMILY} yet; export "
+                                  "the fused form (the default)")
             progress("decoder_model_merged: exporting with optimum's ONNX config and model patcher")
             path = work / GRAPH_FILES["decoder"]
             export_pytorch(family.Decoder(model).eval(), family.decoder_onnx_config(model.config.text_config),
@@ -351,7 +355,7 @@ def export_package(source: str, out_dir: str | Path, *, quant: str = "fp32", gra
         from .verify import compare_packages
 
         progress("measuring the quantized package against the fp32 graphs")
-        report.quantization = compare_packages(processor, reference, package)
+        report.quantization = compare_packages(processor, reference, package, model)
         manifest["verification"] = report.to_dict()
         package = _write_package(out_dir, manifest, files_changed=False)
     shutil.rmtree(fp32_dir)

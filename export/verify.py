@@ -119,19 +119,27 @@ def verify_package(model, processor, package: ModelPackage, *, greedy_tokens: in
     embeds = engine.embed(input_ids.numpy())
     report.checks.append(("embed_tokens", _max_diff(embeds, ref_embeds), atol))
 
-    # The decoder graph alone: same spliced embeddings in, prefill then one decode step with the cache.
+    # The decoder graph alone: same spliced embeddings in, prefill then one decode step with the cache. A family
+    # with M-RoPE passes its prompt's 3-D positions to both (HF cannot derive them from embeddings alone).
     spliced = engine.splice_image_features(input_ids.numpy(), ref_embeds.numpy(), hf_features.numpy())
     seq = spliced.shape[1]
+    positions = family.positions(model, inputs) if hasattr(family, "positions") else None
+    position_kwargs, rope, delta = {}, None, 0
+    if positions is not None:
+        position_kwargs = {"position_ids": torch.from_numpy(positions[0])[:, None, :]}
+        rope, delta = engine.rope_feeds(positions[0], three_d=True), positions[1]
     ref_out = model(inputs_embeds=torch.from_numpy(spliced), attention_mask=torch.ones(1, seq, dtype=torch.long),
-                    use_cache=True)
-    logits, kv = engine.forward(spliced, engine.empty_cache())
+                    use_cache=True, **position_kwargs)
+    logits, kv = engine.forward(spliced, engine.empty_cache(), rope=rope)
     # A fused decoder computes the last position's logits only (that is all generation reads).
     ref_logits = ref_out.logits if engine.logits_all_positions else ref_out.logits[:, -1:]
     report.checks.append(("decoder prefill logits", _max_diff(logits, ref_logits), atol))
     next_token = torch.tensor([[int(ref_out.logits[0, -1].argmax())]])
+    if positions is not None:
+        position_kwargs = {"position_ids": torch.full((3, 1, 1), seq + delta)}
     ref_step = model(input_ids=next_token, attention_mask=torch.ones(1, seq + 1, dtype=torch.long),
-                     past_key_values=ref_out.past_key_values, use_cache=True)
-    step_logits, kv = engine.decode_step(int(next_token), kv)
+                     past_key_values=ref_out.past_key_values, use_cache=True, **position_kwargs)
+    step_logits, kv = engine.decode_step(int(next_token), kv, rope_delta=delta)
     report.checks.append(("decoder decode-step logits", _max_diff(step_logits, ref_step.logits), atol))
     ref_cache = ref_step.past_key_values.layers
     report.checks.append(("decoder present key/values", max(
@@ -142,33 +150,39 @@ def verify_package(model, processor, package: ModelPackage, *, greedy_tokens: in
     generated = model.generate(**inputs, max_new_tokens=greedy_tokens, do_sample=False, eos_token_id=eos_ids,
                                pad_token_id=package.tokens["pad_token_id"])
     report.greedy_reference = generated[0, input_ids.shape[1]:].tolist()
-    report.greedy_package = engine.greedy(input_ids.numpy(), features, greedy_tokens, tuple(eos_ids))
+    report.greedy_package = engine.greedy(input_ids.numpy(), features, greedy_tokens, tuple(eos_ids),
+                                          positions=positions)
     return report
 
 
 def position_logits(engine: Engine, input_ids: np.ndarray, features: np.ndarray | None,
-                    positions: int = 32) -> np.ndarray:
+                    positions: int = 32, rope_positions: np.ndarray | None = None) -> np.ndarray:
     """Next-token logits [P, vocab] at every one of the prompt's last `positions` positions (teacher forcing).
 
     A portable decoder returns them from one prefill. A fused decoder returns the last position only, so the prompt
     minus its last P−1 tokens is prefilled and those tokens are fed one by one, as a decode loop would.
+    `rope_positions`: an M-RoPE prompt's 3-D positions [3, S].
     """
+
+    def rope(lo, hi):
+        return None if rope_positions is None else engine.rope_feeds(rope_positions[:, lo:hi], three_d=True)
+
     input_ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
     positions = min(positions, input_ids.shape[1])
     embeds = engine.splice_image_features(input_ids, engine.embed(input_ids), features)
     if engine.logits_all_positions:
-        logits, _ = engine.forward(embeds, engine.empty_cache())
+        logits, _ = engine.forward(embeds, engine.empty_cache(), rope=rope(0, input_ids.shape[1]))
         return logits[0, -positions:]
     split = input_ids.shape[1] - positions + 1
-    logits, cache = engine.forward(embeds[:, :split], engine.empty_cache(), reserve=positions)
+    logits, cache = engine.forward(embeds[:, :split], engine.empty_cache(), reserve=positions, rope=rope(0, split))
     rows = [logits[0, -1]]
     for i in range(split, input_ids.shape[1]):
-        logits, cache = engine.forward(embeds[:, i:i + 1], cache)
+        logits, cache = engine.forward(embeds[:, i:i + 1], cache, rope=rope(i, i + 1))
         rows.append(logits[0, -1])
     return np.stack(rows)
 
 
-def compare_packages(processor, reference: ModelPackage, package: ModelPackage) -> QuantQuality:
+def compare_packages(processor, reference: ModelPackage, package: ModelPackage, model=None) -> QuantQuality:
     """Run the fp32 `reference` and the quantized `package` on one real input; how far apart are they?
 
     Logit figures cover the prompt's last 32 positions (teacher-forced), so fused and portable decoders compare
@@ -176,11 +190,12 @@ def compare_packages(processor, reference: ModelPackage, package: ModelPackage) 
     family = family_named(package.manifest["family"])
     inputs = family.chat_inputs(processor, [sample_image()], "Describe this image.", single_view=True)
     input_ids = inputs["input_ids"].numpy()
+    rope_positions = family.positions(model, inputs)[0] if hasattr(family, "positions") else None
     outputs = []
     for pkg in (reference, package):
         engine = Engine(pkg)
         features = family.package_features(engine, inputs)
-        logits = position_logits(engine, input_ids, features)
+        logits = position_logits(engine, input_ids, features, rope_positions=rope_positions)
         outputs.append((features.astype(np.float64), logits.astype(np.float64)))
     (ref_features, ref_logits), (features, logits) = outputs
 

@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 import edgevlm
 
-from . import memory
+from . import memory, rope
 from .errors import ContextLengthError, InvalidRequestError, PackageError
 from .package import ModelPackage
 
@@ -114,10 +114,11 @@ class Slab:
             found = self._bindings[(lo, hi)] = (binding, logits)
         return found
 
-    def run(self, lo: int, inputs_embeds: np.ndarray, past: np.ndarray) -> np.ndarray:
+    def run(self, lo: int, inputs_embeds: np.ndarray, past: np.ndarray, rope: dict | None = None) -> np.ndarray:
         """Rows lo .. lo + B - 1 take `inputs_embeds` [B, S, hidden] after their `past` [B] cached positions (S > 1
         only for one row: GroupQueryAttention prefills one row at a time after a past). → logits [B, vocab] of each
-        row's last new position (a copy)."""
+        row's last new position (a copy). `rope`: an M-RoPE decoder's rotary feeds (`Engine.rope_feeds`); left out,
+        each row's tokens take 1-D positions at their KV positions."""
         batch, seq = inputs_embeds.shape[:2]
         past = np.asarray(past, dtype=np.int32)
         if int(past.max()) + seq > self.capacity:
@@ -128,6 +129,11 @@ class Slab:
         binding.bind_cpu_input("seqlens_k", past + (seq - 1))
         binding.bind_cpu_input("total_sequence_length", np.array(int(past.max()) + seq, dtype=np.int32))
         engine = self.engine
+        if engine.rotary == "mrope":
+            if rope is None:  # 1-D positions at each row's KV position
+                rope = engine.rope_feeds(past[:, None].astype(np.int64) + np.arange(seq))
+            for name, value in rope.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
         engine.decoder.run_with_iobinding(binding, engine._shrink_arena if seq >= 256 else None)
         return logits[:, 0].copy()  # the buffer is overwritten by the next run of this range
 
@@ -230,8 +236,29 @@ class Engine:
         self.image_token_id = package.tokens["image_token_id"]
         # The fused graph's rotary tables have max_sequence_length rows: its KV buffers can hold no more.
         self.max_kv_length = min(self.context_length, int(decoder.get("max_sequence_length", self.context_length)))
+        # M-RoPE decoders take their rotary rows as inputs (export/fused_decoder.py); others derive positions.
+        self.rotary = decoder.get("rotary")
+        if self.rotary not in (None, "mrope"):
+            raise PackageError(f"model package {package.path}: unknown decoder rotary {self.rotary!r}")
+        if self.rotary == "mrope":
+            self._inv_freq = rope.inv_freq(self.head_dim, float(decoder["rope_theta"]))
+            self._mrope_section = list(decoder["mrope_section"])
         # Keys and values of every layer for one position of one sequence: what a request's KV cache costs.
         self.kv_bytes_per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * self._kv_dtype.itemsize
+
+    def rope_feeds(self, positions: np.ndarray, *, three_d: bool = False) -> dict[str, np.ndarray]:
+        """The rotary inputs of an M-RoPE decoder: `positions` [B, S] (1-D positions: text, decode steps), or with
+        `three_d` [3, S] (one row's 3-D positions, a prompt with images) → position_ids indexing cos/sin rows made
+        for exactly those tokens."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if three_d:
+            cos, sin = rope.mrope_tables(positions, self._inv_freq, self._mrope_section)
+            return {"position_ids": np.arange(positions.shape[1], dtype=np.int64)[None], "cos_cache": cos,
+                    "sin_cache": sin}
+        flat = positions.reshape(-1)
+        cos, sin = rope.mrope_tables(np.broadcast_to(flat, (3, flat.size)), self._inv_freq, self._mrope_section)
+        return {"position_ids": np.arange(flat.size, dtype=np.int64).reshape(positions.shape), "cos_cache": cos,
+                "sin_cache": sin}
 
     def warm_up(self) -> None:
         """One decoder step at load, so the first request does not pay for first-run allocations (~0.1 s at
@@ -313,7 +340,8 @@ class Engine:
         return KVCache(keys=keys, values=values, used=None if self.decoder_form == "portable" else
                        (old.length if old else 0))
 
-    def forward(self, inputs_embeds: np.ndarray, cache: KVCache, *, reserve: int = 0) -> tuple[np.ndarray, KVCache]:
+    def forward(self, inputs_embeds: np.ndarray, cache: KVCache, *, reserve: int = 0,
+                rope: dict | None = None) -> tuple[np.ndarray, KVCache]:
         """Run the decoder on `inputs_embeds` [B, S, hidden] after the cache; → logits and the grown cache.
 
         Logits are [B, S, vocab] for a portable decoder, [B, 1, vocab] (last position) for a fused one. With a fused
@@ -329,7 +357,7 @@ class Engine:
                 param="messages",
             )
         if self.decoder_form == "fused":
-            return self._forward_fused(inputs_embeds, cache, reserve)
+            return self._forward_fused(inputs_embeds, cache, reserve, rope)
         binding = self.decoder.io_binding()
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
         binding.bind_cpu_input("attention_mask", np.ones((batch, past + seq), dtype=np.int64))
@@ -346,7 +374,8 @@ class Engine:
         logits, *present = binding.get_outputs()
         return logits.numpy(), KVCache(keys=present[0::2], values=present[1::2])
 
-    def _forward_fused(self, inputs_embeds: np.ndarray, cache: KVCache, reserve: int) -> tuple[np.ndarray, KVCache]:
+    def _forward_fused(self, inputs_embeds: np.ndarray, cache: KVCache, reserve: int,
+                       rope: dict | None = None) -> tuple[np.ndarray, KVCache]:
         batch, seq = inputs_embeds.shape[:2]
         total = cache.length + seq
         if total > self.max_kv_length:
@@ -370,6 +399,11 @@ class Engine:
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
         binding.bind_cpu_input("seqlens_k", np.full((batch,), total - 1, dtype=np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
+        if self.rotary == "mrope":
+            if rope is None:
+                rope = self.rope_feeds(np.broadcast_to(np.arange(total - seq, total), (batch, seq)))
+            for name, value in rope.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
         # After a long prefill, hand its activation memory back: decode steps need a fraction of it.
         self.decoder.run_with_iobinding(binding, self._shrink_arena if seq >= 256 else None)
         cache.used = total
@@ -377,26 +411,31 @@ class Engine:
         return cache.logits.copy(), cache
 
     def prefill(self, input_ids: np.ndarray, image_features: np.ndarray | None = None, *,
-                reserve: int = 0) -> tuple[np.ndarray, KVCache]:
+                reserve: int = 0, rope: dict | None = None) -> tuple[np.ndarray, KVCache]:
         """Embed the prompt, splice in image features, run it through the decoder from an empty cache (with room
         for `reserve` generated tokens when the decoder preallocates its cache)."""
         input_ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
         embeds = self.splice_image_features(input_ids, self.embed(input_ids), image_features)
-        return self.forward(embeds, self.empty_cache(), reserve=reserve)
+        return self.forward(embeds, self.empty_cache(), reserve=reserve, rope=rope)
 
-    def decode_step(self, token_id: int, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+    def decode_step(self, token_id: int, cache: KVCache, *, rope_delta: int = 0) -> tuple[np.ndarray, KVCache]:
         embeds = self.embed(np.array([[token_id]], dtype=np.int64))
-        return self.forward(embeds, cache)
+        rope = self.rope_feeds(np.array([[cache.length + rope_delta]])) if self.rotary == "mrope" else None
+        return self.forward(embeds, cache, rope=rope)
 
     def greedy(self, input_ids: np.ndarray, image_features: np.ndarray | None, max_new_tokens: int,
-               stop_ids: tuple[int, ...] = ()) -> list[int]:
-        """Greedy decoding with the KV cache: argmax at every step, stop on an id in `stop_ids`."""
-        logits, cache = self.prefill(input_ids, image_features, reserve=max_new_tokens)
+               stop_ids: tuple[int, ...] = (), *, positions: tuple[np.ndarray, int] | None = None) -> list[int]:
+        """Greedy decoding with the KV cache: argmax at every step, stop on an id in `stop_ids`. `positions`:
+        an M-RoPE prompt's 3-D positions and decode offset (`families.qwen2vl.rope_index`)."""
+        rope, delta = None, 0
+        if positions is not None:
+            rope, delta = self.rope_feeds(positions[0], three_d=True), positions[1]
+        logits, cache = self.prefill(input_ids, image_features, reserve=max_new_tokens, rope=rope)
         tokens: list[int] = []
         while len(tokens) < max_new_tokens:
             token = int(np.argmax(logits[0, -1]))
             tokens.append(token)
             if token in stop_ids or len(tokens) == max_new_tokens:
                 break
-            logits, cache = self.decode_step(token, cache)
+            logits, cache = self.decode_step(token, cache, rope_delta=delta)
         return tokens

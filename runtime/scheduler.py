@@ -84,6 +84,7 @@ class Prompt:
     images: list[PromptImage]
     image_tokens: int  # prompt positions filled by image features (OpenAI's usage.prompt_tokens_details)
     max_tokens: int  # per choice, settled by `Scheduler.plan`
+    positions: tuple[np.ndarray, int] | None = None  # M-RoPE: 3-D positions [3, len] and the decode offset
 
 
 @dataclass
@@ -344,6 +345,9 @@ class Scheduler:
         primary.length = reuse
         job.pos = job.cached_tokens = reuse
         job.sequences[0].length = reuse
+        if prompt.positions is not None:
+            for seq in job.sequences:
+                seq.rope_delta = prompt.positions[1]
         (self.metrics.prefix_hits if reuse else self.metrics.prefix_misses).inc()
         self.metrics.cached_tokens.inc(reuse)
         for i, image in enumerate(prompt.images):  # another request may have cached it since this one was prepared
@@ -384,14 +388,19 @@ class Scheduler:
         begin, end = job.pos, min(job.pos + PREFILL_CHUNK, len(job.ids))
         embeds = self._chunk_embeds(job, begin, end)
         primary = job.sequences[0]
+        rope = None
+        if self.engine.rotary == "mrope":
+            positions = (job.prompt.positions[0][:, begin:end] if job.prompt.positions is not None
+                         else np.broadcast_to(np.arange(begin, end), (3, end - begin)))
+            rope = self.engine.rope_feeds(positions, three_d=True)
         if self.fused:
-            logits = self.slab.run(primary.slot.index, embeds, np.array([begin]))
+            logits = self.slab.run(primary.slot.index, embeds, np.array([begin]), rope)
             primary.slot.key[begin:end] = job.prompt.key[begin:end]
             primary.slot.length = end
         else:
             if primary.cache is None:
                 primary.cache = self.engine.empty_cache()
-            logits, primary.cache = self.engine.forward(embeds, primary.cache)
+            logits, primary.cache = self.engine.forward(embeds, primary.cache, rope=rope)
             logits = logits[:, -1]
         job.pos = primary.length = end
         spent = time.perf_counter() - start
@@ -476,7 +485,11 @@ class Scheduler:
                     slot = self.slots[row]
                     slot.length = min(slot.length, self.slot_positions - 1)
                     past[row - lo] = slot.length
-            logits = self.slab.run(lo, self.engine.embed(tokens[:, None]), past)
+            rope = None
+            if self.engine.rotary == "mrope":  # each row at its KV position + its rope offset
+                offsets = np.array([rows[row].rope_delta if row in rows else 0 for row in range(lo, hi)])
+                rope = self.engine.rope_feeds((past.astype(np.int64) + offsets)[:, None])
+            logits = self.slab.run(lo, self.engine.embed(tokens[:, None]), past, rope)
             for row, seq in rows.items():
                 seq.slot.key[seq.length] = seq.last_token
                 seq.length += 1

@@ -155,8 +155,9 @@ class VisionLanguageModel:
         max_tokens = self.scheduler.plan(len(input_ids), params.n, params.max_tokens)
         if params.max_tokens is None:  # left to us: the request's share of max_request_tokens at most
             max_tokens = min(max_tokens, (max_request_tokens or self.context_length) // params.n)
+        positions = family.positions(input_ids, [i.plan for i in images]) if hasattr(family, "positions") else None
         return Prompt(input_ids=input_ids, key=self._prefix_key(input_ids, images), images=images,
-                      image_tokens=sum(i.plan.tokens for i in images), max_tokens=max_tokens)
+                      image_tokens=sum(i.plan.tokens for i in images), max_tokens=max_tokens, positions=positions)
 
     def _prefix_key(self, input_ids: list[int], images: list[PromptImage]) -> np.ndarray:
         """The ids with each image token replaced by a negative tag of its image and its place in it: two prompts

@@ -13,6 +13,7 @@ import importlib
 
 FAMILIES = {
     "idefics3": "edgevlm.export.families.idefics3",
+    "qwen2_vl": "edgevlm.export.families.qwen2vl",
 }
 
 

@@ -81,3 +81,120 @@ def export_vision(model, path, opset: int) -> None:
                       "image_features": {0: "image_tokens"}},
         opset_version=opset, dynamo=False,
     )
+
+
+# ----------------------------------------------------------------------------------- loading and package metadata
+
+
+def load_model(source: str, **hub_kwargs):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration.from_pretrained(source, dtype=torch.float32, **hub_kwargs).eval()
+
+
+class Processor:
+    """The tokenizer, image processor and chat template: what Qwen2VLProcessor holds, without its video half
+    (which needs torchvision in transformers 4.57)."""
+
+    def __init__(self, tokenizer, image_processor, chat_template: str | None):
+        self.tokenizer, self.image_processor, self.chat_template = tokenizer, image_processor, chat_template
+
+
+def load_processor(source: str, **hub_kwargs) -> Processor:
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, Qwen2VLImageProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
+    template = tokenizer.chat_template
+    path = Path(source) / "chat_template.json"
+    if path.is_file():
+        template = json.loads(path.read_text())["chat_template"]
+    return Processor(tokenizer, Qwen2VLImageProcessor.from_pretrained(source, **hub_kwargs), template)
+
+
+class EmbedTokens(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.embed_tokens = model.get_input_embeddings()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+
+def package_metadata(model, processor) -> dict:
+    config = model.config
+    text, vision = config.text_config, config.vision_config
+    tokenizer, images = processor.tokenizer, processor.image_processor
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    generation_eos = getattr(model.generation_config, "eos_token_id", None)
+    for token in generation_eos if isinstance(generation_eos, list) else [generation_eos]:
+        if token is not None and int(token) not in eos:
+            eos.append(int(token))
+    return {
+        "text": {
+            "num_layers": text.num_hidden_layers, "hidden_size": text.hidden_size,
+            "num_attention_heads": text.num_attention_heads, "num_key_value_heads": text.num_key_value_heads,
+            "head_dim": text.hidden_size // text.num_attention_heads, "vocab_size": text.vocab_size,
+            "context_length": text.max_position_embeddings, "rope_theta": text.rope_theta,
+            "mrope_section": list(text.rope_scaling["mrope_section"]),
+        },
+        "vision": {"patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
+                   "merge_size": vision.spatial_merge_size, "hidden_size": vision.embed_dim,
+                   "num_layers": vision.depth},
+        "image_processor": {
+            "type": type(images).__name__, "min_pixels": images.min_pixels, "max_pixels": images.max_pixels,
+            "patch_size": images.patch_size, "temporal_patch_size": images.temporal_patch_size,
+            "merge_size": images.merge_size, "image_mean": list(images.image_mean),
+            "image_std": list(images.image_std), "rescale_factor": images.rescale_factor,
+            "resample": int(images.resample), "do_resize": images.do_resize, "do_rescale": images.do_rescale,
+            "do_normalize": images.do_normalize,
+        },
+        "tokens": {
+            "image_token": "<|image_pad|>", "image_token_id": int(config.image_token_id),
+            "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
+            "bos_token_id": None, "pad_token_id": tokenizer.pad_token_id, "eos_token_ids": eos,
+            "special_tokens": dict(tokenizer.special_tokens_map),
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------------------ verification
+
+
+def chat_inputs(processor, images, question: str, *, single_view: bool | None = None) -> dict:
+    """What Qwen2VLProcessor gives for one user turn (images then question): input_ids, pixel_values,
+    image_grid_thw; `single_view` (a small pixel budget) keeps the check fast at real sizes."""
+    from ...runtime.families.qwen2vl import Qwen2VLLayout
+
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+    prompt = processor.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                     add_generation_prompt=True, chat_template=processor.chat_template)
+    out = {}
+    if images:
+        kwargs = {"max_pixels": 64 * 28 * 28} if single_view else {}
+        out = dict(processor.image_processor(images=images, return_tensors="pt", **kwargs))
+        prompt = Qwen2VLLayout().expand(prompt, out["image_grid_thw"].tolist())
+    out["input_ids"] = processor.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    return out
+
+
+def reference_features(model, inputs) -> torch.Tensor:
+    return torch.cat(list(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])))
+
+
+def package_features(engine, inputs):
+    from ...runtime.families.qwen2vl import vision_positions
+
+    positions, segments = vision_positions(inputs["image_grid_thw"].tolist())
+    return engine.run_vision({"pixel_values": inputs["pixel_values"].numpy(), "position_ids": positions,
+                              "segment_ids": segments})
+
+
+def positions(model, inputs) -> tuple:
+    """The prompt's M-RoPE positions [3, S] and the decode offset (for the decoder's check)."""
+    from ...runtime.families.qwen2vl import rope_index
+
+    grids = inputs["image_grid_thw"].tolist() if "image_grid_thw" in inputs else []
+    return rope_index(inputs["input_ids"][0].tolist(), grids, int(model.config.image_token_id))

@@ -19,6 +19,7 @@ from ..errors import PackageError
 # family name (model.json "family") → module defining `family(package)`
 FAMILIES = {
     "idefics3": "edgevlm.runtime.families.idefics3",
+    "qwen2_vl": "edgevlm.runtime.families.qwen2vl",
 }
 
 
@@ -29,7 +30,8 @@ class ImagePlan:
     layout: Any  # the family's own description (Idefics3: the (rows, cols) tile grid)
     tokens: int  # image tokens in the prompt = image features the vision encoder gives for it
     runs: int  # vision encoder runs (Idefics3: tiles, one per run)
-    split: bool | None = None  # the request's tiling choice (detail "low": False); part of the cache key
+    split: bool | None = None  # Idefics3: the request's tiling choice (detail "low": False)
+    budget: int | None = None  # Qwen2-VL: the request's pixel budget (detail "low"), None: the processor's
 
 
 class Family(Protocol):
@@ -48,6 +50,9 @@ class Family(Protocol):
     def vision_inputs(self, image, plan: ImagePlan) -> Iterator[dict[str, np.ndarray]]:
         """The vision encoder's feeds for one fitted image, one dict per run (`plan.runs` of them); each run gives
         [1, n, hidden] features, concatenated in order into the image's `plan.tokens` features."""
+
+    # Families whose decoder takes its rotary positions as inputs (M-RoPE) also define
+    # positions(input_ids, plans) → (3-D positions [3, len(input_ids)], decode offset).
 
 
 def load_family(package) -> Family:

@@ -8,7 +8,7 @@
 - `vision_positions`: the vision tower's per-patch inputs that HF derives from grid_thw inside the model (each
   patch's row and column in the merger's 2×2 order, and which image it belongs to).
 
-Not registered in `FAMILIES`: there is no Qwen export yet, so no package can name this family.
+`Qwen2VLFamily` puts them behind the family interface (families/__init__.py), with `positions` for the engine.
 """
 
 from __future__ import annotations
@@ -95,18 +95,55 @@ def vision_positions(grids: Sequence[Sequence[int]], merge_size: int = 2) -> tup
     return np.concatenate(positions).astype(np.int64), np.concatenate(segments).astype(np.int64)
 
 
-def inv_freq(head_dim: int, theta: float) -> np.ndarray:
-    """The rotary inverse frequencies [head_dim / 2], float32 as transformers computes them."""
-    return (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
-            ).astype(np.float32)
+
+class Qwen2VLFamily:
+    name = "qwen2_vl"
+
+    def __init__(self, package):
+        from ..preprocess.qwen2vl import Qwen2VLImageConfig
+
+        self.config = Qwen2VLImageConfig.from_dict(package.image_processor)
+        tokens = package.tokens
+        self.layout = Qwen2VLLayout(vision_start=tokens.get("vision_start_token", "<|vision_start|>"),
+                                    image_pad=tokens["image_token"],
+                                    vision_end=tokens.get("vision_end_token", "<|vision_end|>"),
+                                    merge_size=self.config.merge_size)
+        self.image_token_id = tokens["image_token_id"]
+
+    @property
+    def placeholder(self) -> str:
+        return self.layout.placeholder
+
+    def plan(self, width: int, height: int, detail: str):
+        from ..preprocess.qwen2vl import image_grid
+        from . import ImagePlan
+
+        # detail "low": at most 256 image tokens (OpenAI's low detail is one small fixed-size view).
+        budget = LOW_DETAIL_PIXELS if detail == "low" else None
+        grid = image_grid(width, height, self.config, max_pixels=budget)
+        return ImagePlan(layout=grid, tokens=self.layout.num_image_tokens(grid), runs=1, budget=budget)
+
+    def fit(self, image, plan):
+        from ..preprocess.qwen2vl import fit
+
+        return fit(image, self.config, max_pixels=plan.budget)
+
+    def expand(self, text: str, plans) -> str:
+        return self.layout.expand(text, [plan.layout for plan in plans])
+
+    def vision_inputs(self, image, plan):
+        from ..preprocess.qwen2vl import patchify
+
+        values, grid = patchify(image, self.config)
+        position_ids, segment_ids = vision_positions([grid], self.config.merge_size)
+        yield {"pixel_values": values, "position_ids": position_ids, "segment_ids": segment_ids}
+
+    def positions(self, input_ids, plans) -> tuple[np.ndarray, int]:
+        return rope_index(input_ids, [plan.layout for plan in plans], self.image_token_id, self.config.merge_size)
 
 
-def mrope_tables(positions: np.ndarray, frequencies: np.ndarray, sections: Sequence[int]
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """cos / sin rows [tokens, head_dim / 2] for tokens at 3-D `positions` [3, tokens]: the first sections[0]
-    frequencies turn with the temporal position, the next sections[1] with the row, the last with the column
-    (``apply_multimodal_rotary_pos_emb``; the other half of each head repeats these)."""
-    bounds = np.cumsum([0, *sections])
-    row = np.repeat(np.arange(3), np.diff(bounds))  # which of t / h / w drives each frequency
-    angles = positions[row].T.astype(np.float32) * frequencies[None, :]
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+LOW_DETAIL_PIXELS = 256 * 28 * 28
+
+
+def family(package) -> Qwen2VLFamily:
+    return Qwen2VLFamily(package)
