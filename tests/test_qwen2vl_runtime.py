@@ -373,3 +373,36 @@ def test_batched_rows_keep_their_own_rope_offsets(qwen_package):
     for got, expected in zip(together, alone):
         assert [t for t, _ in got] == [t for t, _ in expected]
         assert max(abs(a - b) for (_, a), (_, b) in zip(got, expected)) < 1e-5
+
+
+def test_edgevlm_serve_answers_with_the_openai_client(qwen_package):
+    """The real server on the Qwen2-VL package: an image question through the openai client streams the same
+    tokens as the in-process engine, with the image's tokens counted in usage."""
+    import openai
+    from conftest import ServerProcess
+
+    from edgevlm.runtime.sampling import SamplingParams
+    from edgevlm.runtime.vlm import VisionLanguageModel
+
+    image = picture(400, 300, 41)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _uri(image)}},
+                                             {"type": "text", "text": "Describe it."}]}]
+    vlm = VisionLanguageModel.load(qwen_package)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=10)
+        prompt = vlm.prepare(messages, params)
+        expected = "".join(s.text for s in vlm.generate(prompt, params))
+    finally:
+        vlm.close()
+    server = ServerProcess("--model", str(qwen_package))
+    try:
+        client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+        chunks = list(client.chat.completions.create(model="m", messages=messages, max_tokens=10, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        usage = chunks[-1].usage
+        assert text == expected
+        assert usage.prompt_tokens == len(prompt.input_ids)
+        assert usage.prompt_tokens_details.image_tokens == prompt.image_tokens > 0
+    finally:
+        server.stop()
