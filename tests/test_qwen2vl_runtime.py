@@ -406,3 +406,27 @@ def test_edgevlm_serve_answers_with_the_openai_client(qwen_package):
         assert usage.prompt_tokens_details.image_tokens == prompt.image_tokens > 0
     finally:
         server.stop()
+
+
+def test_structured_output_on_the_qwen_tokenizer(qwen_package):
+    """response_format json_schema works with Qwen2's 151k-token byte-level BPE (llguidance indexes it): the
+    random model's answer is the schema's JSON."""
+    from edgevlm.runtime.grammar import parse_response_format
+    from edgevlm.runtime.sampling import SamplingParams
+    from edgevlm.runtime.vlm import VisionLanguageModel
+
+    schema = parse_response_format({"type": "json_schema", "json_schema": {"name": "s", "schema": {
+        "type": "object", "properties": {"colour": {"enum": ["red", "blue"]}, "count": {"enum": [1, 2, 3]}},
+        "required": ["colour", "count"], "additionalProperties": False}}})
+    vlm = VisionLanguageModel.load(qwen_package)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=40)
+        prompt = vlm.prepare([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": _uri(picture(200, 200, 51))}},
+            {"type": "text", "text": "Colour and count, as JSON."}]}], params)
+        steps = list(vlm.generate(prompt, params, schema=schema))
+    finally:
+        vlm.close()
+    answer = json.loads("".join(s.text for s in steps))
+    assert set(answer) == {"colour", "count"} and answer["colour"] in ("red", "blue")
+    assert answer["count"] in (1, 2, 3) and steps[-1].finish_reason == "stop"  # (an open integer: random digits)
