@@ -174,6 +174,8 @@ def _export_graphs(family, model, work: Path, progress: Progress,
     import torch
     from optimum.exporters.onnx.convert import export_pytorch
 
+    from .families.common import EmbedTokens
+
     files: dict[str, list[str]] = {}
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about every Python-level branch it freezes; the ones here are checked by verification
@@ -189,7 +191,7 @@ def _export_graphs(family, model, work: Path, progress: Progress,
         progress("embed_tokens: exporting")
         path = work / GRAPH_FILES["embed_tokens"]
         torch.onnx.export(
-            family.EmbedTokens(model).eval(), (torch.tensor([[1, 2, 3], [4, 5, 6]]),), str(path),
+            EmbedTokens(model).eval(), (torch.tensor([[1, 2, 3], [4, 5, 6]]),), str(path),
             input_names=["input_ids"], output_names=["inputs_embeds"],
             dynamic_axes={"input_ids": {0: "batch_size", 1: "sequence_length"},
                           "inputs_embeds": {0: "batch_size", 1: "sequence_length"}},

@@ -146,10 +146,10 @@ def test_disk_filling_up_during_export_is_one_clear_line(tiny_checkpoint, tmp_pa
 def test_verification_fails_and_exits_non_zero_when_a_graph_is_wrong(tiny_checkpoint, tmp_path, monkeypatch,
                                                                      capsys):
     """A graph that computes something else than the PyTorch module is caught by the export's own report."""
-    from edgevlm.export.families import idefics3
+    from edgevlm.export.families.common import EmbedTokens
 
-    original = idefics3.EmbedTokens.forward
-    monkeypatch.setattr(idefics3.EmbedTokens, "forward", lambda self, ids: original(self, ids) * 1.01)
+    original = EmbedTokens.forward
+    monkeypatch.setattr(EmbedTokens, "forward", lambda self, ids: original(self, ids) * 1.01)
     args = _args(tiny_checkpoint, tmp_path / "out")
     args.no_verify = False
     assert convert.main(args) == 1

@@ -27,6 +27,7 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
+
 from transformers.modeling_attn_mask_utils import _prepare_4d_attention_mask
 
 FAMILY = "idefics3"
@@ -111,15 +112,6 @@ class VisionEncoder(nn.Module):
         x = x.reshape(n, w // s, h // s, dim * s * s)
         x = x.permute(0, 2, 1, 3)
         return x.reshape(n, (h // s) * (w // s), dim * s * s)
-
-
-class EmbedTokens(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.embed_tokens = model.get_input_embeddings()
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
 
 
 class Decoder(nn.Module):

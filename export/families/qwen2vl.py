@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
 from torch.nn import functional as F
 
 FAMILY = "qwen2_vl"
@@ -112,15 +113,6 @@ def load_processor(source: str, **hub_kwargs) -> Processor:
     if path.is_file():
         template = json.loads(path.read_text())["chat_template"]
     return Processor(tokenizer, Qwen2VLImageProcessor.from_pretrained(source, **hub_kwargs), template)
-
-
-class EmbedTokens(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.embed_tokens = model.get_input_embeddings()
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
 
 
 def package_metadata(model, processor) -> dict:
