@@ -33,23 +33,16 @@ class FeatureCache:
         self._entries: OrderedDict[str, CachedImage] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
-        self.hits = self.misses = 0
 
     @property
     def nbytes(self) -> int:
         return self._bytes
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def get(self, key: str) -> CachedImage | None:
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
+            if entry is not None:
+                self._entries.move_to_end(key)
             return entry
 
     def put(self, key: str, features: np.ndarray, plan) -> None:

@@ -32,6 +32,7 @@ everything above work the same.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence as Seq
@@ -56,6 +57,8 @@ SMALL_PREFILL = 64
 # A slot whose cached prefix matches at least this share of what it holds is reused for a new request (as
 # llama.cpp's --slot-prompt-similarity); otherwise an empty or least recently used slot is taken.
 PREFIX_SIMILARITY = 0.5
+
+logger = logging.getLogger("edgevlm.engine")
 
 
 @dataclass(frozen=True)
@@ -260,9 +263,9 @@ class Scheduler:
         self._admit()
         decoding = [s for job in self._active if job.prefilled for s in job.sequences if not s.done]
         prefilling = [job for job in self._active if not job.prefilled]
-        job = min(prefilling, key=lambda j: j.remaining(self.run_cost)) if prefilling else None
-        if job is not None and (not decoding or self._balance >= 0 or
-                                job.remaining(self.run_cost) <= SMALL_PREFILL):
+        left = {id(j): j.remaining(self.run_cost) for j in prefilling}
+        job = min(prefilling, key=lambda j: left[id(j)]) if prefilling else None
+        if job is not None and (not decoding or self._balance >= 0 or left[id(job)] <= SMALL_PREFILL):
             start = time.perf_counter()
             try:
                 self._prefill_unit(job)
@@ -388,11 +391,9 @@ class Scheduler:
         begin, end = job.pos, min(job.pos + PREFILL_CHUNK, len(job.ids))
         embeds = self._chunk_embeds(job, begin, end)
         primary = job.sequences[0]
-        rope = None
-        if self.engine.rotary == "mrope":
-            positions = (job.prompt.positions[0][:, begin:end] if job.prompt.positions is not None
-                         else np.broadcast_to(np.arange(begin, end), (3, end - begin)))
-            rope = self.engine.rope_feeds(positions, three_d=True)
+        # M-RoPE: the chunk's own 3-D rows (without them the engine uses 1-D positions at the KV positions).
+        positions = job.prompt.positions
+        rope = self.engine.rope_feeds(positions[0][:, begin:end], three_d=True) if positions is not None else None
         if self.fused:
             logits = self.slab.run(primary.slot.index, embeds, np.array([begin]), rope)
             primary.slot.key[begin:end] = job.prompt.key[begin:end]
@@ -472,29 +473,19 @@ class Scheduler:
 
     def _decode(self, decoding: list[Sequence]) -> None:
         if self.fused:
-            self._compact(decoding)
-            rows = {seq.slot.index: seq for seq in decoding}
-            lo, hi = min(rows), max(rows) + 1
-            tokens = np.zeros(hi - lo, np.int64)
-            past = np.zeros(hi - lo, np.int32)
-            for row in range(lo, hi):
-                seq = rows.get(row)
-                if seq is not None:
-                    tokens[row - lo], past[row - lo] = seq.last_token, seq.length
-                else:  # a row in the range that is not decoding writes a throwaway position at its own length
-                    slot = self.slots[row]
-                    slot.length = min(slot.length, self.slot_positions - 1)
-                    past[row - lo] = slot.length
+            self._compact(decoding)  # rows 0 .. d-1, in slot order
+            rows = sorted(decoding, key=lambda seq: seq.slot.index)
+            tokens = np.array([seq.last_token for seq in rows], np.int64)
+            past = np.array([seq.length for seq in rows], np.int32)
             rope = None
             if self.engine.rotary == "mrope":  # each row at its KV position + its rope offset
-                offsets = np.array([rows[row].rope_delta if row in rows else 0 for row in range(lo, hi)])
-                rope = self.engine.rope_feeds((past.astype(np.int64) + offsets)[:, None])
-            logits = self.slab.run(lo, self.engine.embed(tokens[:, None]), past, rope)
-            for row, seq in rows.items():
+                rope = self.engine.rope_feeds(np.array([[seq.length + seq.rope_delta] for seq in rows]))
+            logits = self.slab.run(0, self.engine.embed(tokens[:, None]), past, rope)
+            for seq, row_logits in zip(rows, logits):
                 seq.slot.key[seq.length] = seq.last_token
                 seq.length += 1
                 seq.slot.length = seq.length
-                seq.logits = logits[row - lo]
+                seq.logits = row_logits
         else:
             for seq in decoding:
                 out, seq.cache = self.engine.forward(self.engine.embed(np.array([[seq.last_token]])), seq.cache)
@@ -569,9 +560,7 @@ def _common_prefix(key: np.ndarray, length: int, prompt_key: np.ndarray) -> int:
 
 
 def _internal(exc: Exception) -> EdgeVLMError:
-    import logging
-
-    logging.getLogger("edgevlm.engine").error("generation failed", exc_info=exc)
+    logger.error("generation failed", exc_info=exc)
     return EdgeVLMError("generation failed")
 
 

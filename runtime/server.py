@@ -413,10 +413,7 @@ async def _complete(request: web.Request, model: VisionLanguageModel, chat: api.
         if chat.stream:
             return await answer.stream(events)
         return await answer.respond(events)
-    except asyncio.CancelledError:
-        cancel.set()  # the client went away: the engine drops the request at its next step
-        raise
-    finally:
+    finally:  # answered, failed, or the client went away: the engine drops what is left at its next step
         cancel.set()
 
 
