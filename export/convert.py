@@ -19,7 +19,8 @@ from pathlib import Path
 
 from ..runtime.package import FORMAT, FORMAT_VERSION, MANIFEST, ModelPackage, sha256_file
 
-SUPPORTED = "idefics3 (SmolVLM-256M/500M/2.2B-Instruct, Idefics3), qwen2_vl (Qwen2-VL; fused decoder form only)"
+SUPPORTED = ("idefics3 (SmolVLM-256M/500M/2.2B-Instruct, Idefics3), qwen2_vl (Qwen2-VL-2B/7B[-Instruct]), "
+             "qwen2_5_vl (Qwen2.5-VL-3B/7B[-Instruct])")
 OPSET = 17
 # A protobuf file cannot exceed 2 GB: bigger graphs keep their weights in one external file beside them.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
@@ -221,7 +222,8 @@ def _export_graphs(family, model, work: Path, progress: Progress,
             export_pytorch(family.Decoder(model).eval(), family.decoder_onnx_config(model.config.text_config),
                            OPSET, path)
             files["decoder"] = _save_external_if_large(path)
-            decoder_fields = {"form": "portable", "kv_dtype": "float32", "logits": "all_positions"}
+            decoder_fields = {"form": "portable", "kv_dtype": "float32", "logits": "all_positions",
+                              **getattr(family, "portable_decoder_fields", lambda m: {})(model)}
             progress(f"decoder_model_merged: done ({_size_mb(work, files['decoder'])})")
     return files, decoder_fields
 

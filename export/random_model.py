@@ -1,4 +1,4 @@
-"""Random-weight Idefics3 and Qwen2-VL checkpoints built from a model card's real metadata.
+"""Random-weight Idefics3, Qwen2-VL and Qwen2.5-VL checkpoints built from a model card's real metadata.
 
 No pretrained weights can be downloaded where this project is tested, so tests and benchmarks build checkpoints
 from a model card folder (config, tokenizer, chat template, processor configs): either at the card's real size
@@ -129,35 +129,51 @@ class QwenTinyDims:
 
 
 def build_random_qwen2vl(card_dir: str | Path, out_dir: str | Path, *, dims: QwenTinyDims | None = None,
-                         seed: int = 0, chat_template: str | None = None) -> Path:
-    """Write a random-weight Qwen2VLForConditionalGeneration checkpoint to `out_dir`, with a tokenizer.json built
-    from the card's vocab.json + merges.txt + tokenizer_config.json and `chat_template` (the card's Instruct
-    template file's text by default, when the card has one). `dims=None` keeps the real dimensions."""
+                         seed: int = 0, chat_template: str | None = None,
+                         tokenizer_dir: str | Path | None = None) -> Path:
+    """Write a random-weight Qwen2-VL or Qwen2.5-VL checkpoint (config.json's model_type says which) to
+    `out_dir`, with a tokenizer.json built from vocab.json + merges.txt + tokenizer_config.json and `chat_template`
+    (the Instruct template file's text by default, when there is one). Those and preprocessor_config.json come from
+    `tokenizer_dir` (default: `card_dir`): Qwen2.5-VL uses Qwen2-VL's tokenizer, template and image processor.
+    `dims=None` keeps the real dimensions."""
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
 
     card_dir, out_dir = Path(card_dir), Path(out_dir)
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else card_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     config_dict = json.loads((card_dir / "config.json").read_text())
-    preprocessor = json.loads((card_dir / "preprocessor_config.json").read_text())
+    preprocessor = json.loads((tokenizer_dir / "preprocessor_config.json").read_text())
+    qwen25 = config_dict.get("model_type") == "qwen2_5_vl"
     if dims is not None:
         config_dict.update(hidden_size=dims.text_hidden, num_hidden_layers=dims.text_layers,
                            num_attention_heads=dims.text_heads, num_key_value_heads=dims.text_kv_heads,
                            intermediate_size=dims.text_intermediate, max_position_embeddings=dims.max_positions,
                            max_window_layers=dims.text_layers)
         config_dict["rope_scaling"] = {"type": "mrope", "mrope_section": list(dims.mrope_section)}
-        config_dict["vision_config"].update(depth=dims.vision_layers, embed_dim=dims.vision_embed,
-                                            num_heads=dims.vision_heads, hidden_size=dims.text_hidden)
+        if qwen25:  # vision width is hidden_size there; out_hidden_size is the text width
+            layers = dims.vision_layers
+            config_dict["vision_config"].update(
+                depth=layers, hidden_size=dims.vision_embed, intermediate_size=2 * dims.vision_embed,
+                num_heads=dims.vision_heads, out_hidden_size=dims.text_hidden,
+                fullatt_block_indexes=list(range(1, layers, 2)))  # every second block: both kinds
+        else:
+            config_dict["vision_config"].update(depth=dims.vision_layers, embed_dim=dims.vision_embed,
+                                                num_heads=dims.vision_heads, hidden_size=dims.text_hidden)
         preprocessor["max_pixels"] = dims.max_pixels
     config_dict["torch_dtype"] = "float32"
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**config_dict)).eval()
+    if qwen25:
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config_dict)).eval()
+    else:
+        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**config_dict)).eval()
     model.save_pretrained(out_dir, safe_serialization=True)
 
-    template_file = card_dir / "chat_template.instruct.json"
+    template_file = tokenizer_dir / "chat_template.instruct.json"
     if chat_template is None and template_file.exists():
         chat_template = json.loads(template_file.read_text())["chat_template"]
-    tokenizer = _qwen2_tokenizer(card_dir)
+    tokenizer = _qwen2_tokenizer(tokenizer_dir)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
         (out_dir / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}, indent=2) + "\n")

@@ -248,9 +248,12 @@ class Engine:
 
     def rope_feeds(self, positions: np.ndarray, *, three_d: bool = False) -> dict[str, np.ndarray]:
         """The rotary inputs of an M-RoPE decoder: `positions` [B, S] (1-D positions: text, decode steps), or with
-        `three_d` [3, S] (one row's 3-D positions, a prompt with images) → position_ids indexing cos/sin rows made
-        for exactly those tokens."""
+        `three_d` [3, S] (one row's 3-D positions, a prompt with images) → for the fused form position_ids
+        indexing cos/sin rows made for exactly those tokens, for the portable form position_ids [3, B, S]."""
         positions = np.asarray(positions, dtype=np.int64)
+        if self.decoder_form == "portable":  # the traced transformers model takes the positions themselves
+            rows = positions[:, None, :] if three_d else np.broadcast_to(positions, (3, *positions.shape))
+            return {"position_ids": np.ascontiguousarray(rows)}
         if three_d:
             cos, sin = rope.mrope_tables(positions, self._inv_freq, self._mrope_section)
             return {"position_ids": np.arange(positions.shape[1], dtype=np.int64)[None], "cos_cache": cos,
@@ -361,7 +364,9 @@ class Engine:
         binding = self.decoder.io_binding()
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
         binding.bind_cpu_input("attention_mask", np.ones((batch, past + seq), dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(
+        if self.rotary == "mrope" and rope is None:
+            rope = self.rope_feeds(np.broadcast_to(np.arange(past, past + seq), (batch, seq)))
+        binding.bind_cpu_input("position_ids", rope["position_ids"] if rope is not None else np.ascontiguousarray(
             np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (batch, seq))))
         for i in range(self.num_layers):
             binding.bind_ortvalue_input(f"past_key_values.{i}.key", cache.keys[i])

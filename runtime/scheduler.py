@@ -488,7 +488,11 @@ class Scheduler:
                 seq.logits = row_logits
         else:
             for seq in decoding:
-                out, seq.cache = self.engine.forward(self.engine.embed(np.array([[seq.last_token]])), seq.cache)
+                rope = None
+                if self.engine.rotary == "mrope":
+                    rope = self.engine.rope_feeds(np.array([[seq.length + seq.rope_delta]]))
+                out, seq.cache = self.engine.forward(self.engine.embed(np.array([[seq.last_token]])), seq.cache,
+                                                     rope=rope)
                 seq.length += 1
                 seq.logits = out[0, -1]
         self._sample(decoding)

@@ -14,6 +14,7 @@ import importlib
 FAMILIES = {
     "idefics3": "edgevlm.export.families.idefics3",
     "qwen2_vl": "edgevlm.export.families.qwen2vl",
+    "qwen2_5_vl": "edgevlm.export.families.qwen2_5_vl",
 }
 
 

@@ -23,12 +23,12 @@ Why the modules below are not HF's forward methods as they are:
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 from torch import nn
 
 from transformers.modeling_attn_mask_utils import _prepare_4d_attention_mask
+
+from . import common
 
 FAMILY = "idefics3"
 ARCHITECTURES = ("Idefics3ForConditionalGeneration",)
@@ -114,71 +114,13 @@ class VisionEncoder(nn.Module):
         return x.reshape(n, (h // s) * (w // s), dim * s * s)
 
 
-class Decoder(nn.Module):
-    """Text model + lm_head with the cache as flat tensors (the patcher turns them into a DynamicCache)."""
-
+class Decoder(common.Decoder):
     def __init__(self, model):
-        super().__init__()
-        self.text_model = model.model.text_model
-        self.lm_head = model.lm_head
-        self.config = model.config.text_config
-
-    def forward(self, inputs_embeds, attention_mask, position_ids, past_key_values):
-        out = self.text_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=True,
-        )
-        return {"logits": self.lm_head(out.last_hidden_state), "past_key_values": out.past_key_values}
+        super().__init__(model.model.text_model, model.lm_head, model.config.text_config)
 
 
 def decoder_onnx_config(text_config):
-    """optimum's Llama ONNX config, taking inputs_embeds instead of input_ids (a VLM splices image features in)."""
-    from optimum.exporters.onnx.model_configs import LlamaOnnxConfig
-
-    class Idefics3DecoderOnnxConfig(LlamaOnnxConfig):
-        # The base class pads the mask it builds from input_ids; ours is built in generate_dummy_inputs.
-        PAD_ATTENTION_MASK_TO_PAST = False
-
-        @property
-        def inputs(self):
-            inputs = OrderedDict(
-                inputs_embeds={0: "batch_size", 1: "sequence_length"},
-                attention_mask={0: "batch_size", 1: "total_sequence_length"},
-                position_ids={0: "batch_size", 1: "sequence_length"},
-            )
-            self.add_past_key_values(inputs, direction="inputs")
-            return inputs
-
-        @property
-        def outputs(self):
-            outputs = OrderedDict(logits={0: "batch_size", 1: "sequence_length"})
-            self.add_past_key_values(outputs, direction="outputs")
-            return outputs
-
-        def generate_dummy_inputs(self, framework: str = "pt", **kwargs):
-            # Batch 2 and past 2: sizes 0 and 1 get specialised by tracing. The traced graph still runs with past 0
-            # (the prefill) and batch 1.
-            batch, seq, past = 2, 3, 2
-            cfg = self._config
-            kv_shape = (batch, cfg.num_key_value_heads, past, cfg.head_dim)
-            generator = torch.Generator().manual_seed(0)
-            return {
-                "inputs_embeds": torch.randn(batch, seq, cfg.hidden_size, generator=generator),
-                "attention_mask": torch.ones(batch, past + seq, dtype=torch.int64),
-                "position_ids": torch.arange(past, past + seq, dtype=torch.int64).expand(batch, seq),
-                "past_key_values": [
-                    (torch.randn(kv_shape, generator=generator), torch.randn(kv_shape, generator=generator))
-                    for _ in range(cfg.num_hidden_layers)
-                ],
-            }
-
-        def generate_dummy_inputs_for_validation(self, reference_model_inputs, onnx_input_names=None):
-            return reference_model_inputs
-
-    return Idefics3DecoderOnnxConfig(text_config, task="text-generation", use_past=True, use_past_in_inputs=True)
+    return common.decoder_onnx_config(text_config)
 
 
 def export_vision(model, path, opset: int) -> None:

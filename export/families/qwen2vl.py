@@ -1,4 +1,4 @@
-"""Qwen2-VL: the vision encoder as an exportable module (issue 13, in progress; not registered as a family yet).
+"""Qwen2-VL: the export family (vision graph, package metadata, verification inputs, the portable decoder).
 
 HF's vision tower loops over images (`rot_pos_emb`, split-by-length attention with `.tolist()`): tracing would
 bake the image count and sizes into the graph. Here everything that depends on the grid is computed on the host
@@ -19,6 +19,8 @@ from torch import nn
 
 from torch.nn import functional as F
 
+from . import common
+
 FAMILY = "qwen2_vl"
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration",)
 MODEL_TYPES = ("qwen2_vl",)
@@ -36,18 +38,28 @@ class VisionEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor
                 ) -> torch.Tensor:
-        visual = self.visual
-        hidden = visual.patch_embed(pixel_values)
-        inv_freq = visual.rotary_pos_emb.inv_freq
+        hidden = self.visual.patch_embed(pixel_values)
+        cos, sin = self._rotary(position_ids)
+        mask = self._mask(segment_ids, hidden.dtype)
+        for block in self.visual.blocks:
+            hidden = self._block(block, hidden, cos, sin, mask)
+        return self.visual.merger(hidden)
+
+    def _rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.visual.rotary_pos_emb.inv_freq
         angles = (position_ids.to(inv_freq.dtype)[:, :, None] * inv_freq).flatten(1)  # [patches, head_dim / 2]
         emb = torch.cat((angles, angles), dim=-1)
-        cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
-        same_image = segment_ids[:, None] == segment_ids[None, :]
-        mask = torch.zeros(same_image.shape, dtype=hidden.dtype).masked_fill(~same_image, torch.finfo(hidden.dtype).min)
-        for block in visual.blocks:
-            hidden = hidden + self._attention(block.attn, block.norm1(hidden), cos, sin, mask)
-            hidden = hidden + block.mlp(block.norm2(hidden))
-        return visual.merger(hidden)
+        return emb.cos()[:, None, :], emb.sin()[:, None, :]
+
+    @staticmethod
+    def _mask(group_ids: torch.Tensor, dtype) -> torch.Tensor:
+        """Additive attention mask: each patch sees the patches of its own group (image, or window) only."""
+        same = group_ids[:, None] == group_ids[None, :]
+        return torch.zeros(same.shape, dtype=dtype).masked_fill(~same, torch.finfo(dtype).min)
+
+    def _block(self, block, hidden, cos, sin, mask) -> torch.Tensor:
+        hidden = hidden + self._attention(block.attn, block.norm1(hidden), cos, sin, mask)
+        return hidden + block.mlp(block.norm2(hidden))
 
     @staticmethod
     def _attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -133,7 +145,8 @@ def package_metadata(model, processor) -> dict:
             "mrope_section": list(text.rope_scaling["mrope_section"]),
         },
         "vision": {"patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
-                   "merge_size": vision.spatial_merge_size, "hidden_size": vision.embed_dim,
+                   "merge_size": vision.spatial_merge_size,
+                   "hidden_size": getattr(vision, "embed_dim", None) or vision.hidden_size,
                    "num_layers": vision.depth},
         "image_processor": {
             "type": type(images).__name__, "min_pixels": images.min_pixels, "max_pixels": images.max_pixels,
@@ -190,3 +203,22 @@ def positions(model, inputs) -> tuple:
 
     grids = inputs["image_grid_thw"].tolist() if "image_grid_thw" in inputs else []
     return rope_index(inputs["input_ids"][0].tolist(), grids, int(model.config.image_token_id))
+
+
+# ------------------------------------------------------------------------------------ the portable decoder form
+
+
+class Decoder(common.Decoder):
+    def __init__(self, model):
+        super().__init__(model.model.language_model, model.lm_head, model.config.text_config)
+
+
+def decoder_onnx_config(text_config):
+    return common.decoder_onnx_config(text_config, mrope=True)
+
+
+def portable_decoder_fields(model) -> dict:
+    """model.json's decoder entry: the portable graph takes 3-D M-RoPE position ids."""
+    text = model.config.text_config
+    return {"rotary": "mrope", "mrope_section": list(text.rope_scaling["mrope_section"]),
+            "rope_theta": float(text.rope_theta)}

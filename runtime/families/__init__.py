@@ -20,6 +20,7 @@ from ..errors import PackageError
 FAMILIES = {
     "idefics3": "edgevlm.runtime.families.idefics3",
     "qwen2_vl": "edgevlm.runtime.families.qwen2vl",
+    "qwen2_5_vl": "edgevlm.runtime.families.qwen2_5_vl",
 }
 
 

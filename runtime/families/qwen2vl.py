@@ -1,4 +1,4 @@
-"""Qwen2-VL / Qwen2.5-VL: the runtime pieces that need no exported graph yet (issue 13, in progress).
+"""Qwen2-VL (and, through families/qwen2_5_vl.py, Qwen2.5-VL): the runtime family.
 
 - `Qwen2VLLayout`: an image of grid (1, h, w) patches becomes ``<|vision_start|>`` + ``<|image_pad|>`` ×
   (h·w / merge²) + ``<|vision_end|>``; the chat template writes the three tokens, `expand` repeats the pad, as

@@ -1,5 +1,7 @@
-"""Qwen2-VL's runtime pieces against transformers: preprocessing within 1e-5, the image-token layout and the M-RoPE
-positions (`get_rope_index`). The family is not servable yet (no export): these are its parts, proven first."""
+"""Qwen2-VL and Qwen2.5-VL against transformers: preprocessing within 1e-5, the image-token layout, the M-RoPE
+positions (`get_rope_index`), Qwen2.5-VL's window order (`get_window_index`), the vision graphs, the fused M-RoPE
+decoder, and tiny random-weight models of both families exported in both decoder forms and served by `edgevlm
+serve` with transformers' greedy tokens and logprobs."""
 
 from __future__ import annotations
 
@@ -12,10 +14,13 @@ import pytest
 from PIL import Image
 
 from edgevlm.runtime.errors import ImageError
-from edgevlm.runtime.families.qwen2vl import Qwen2VLLayout, rope_index
+from edgevlm.runtime.families.qwen2_5_vl import vision_feed as windowed_feed
+from edgevlm.runtime.families.qwen2_5_vl import window_index
+from edgevlm.runtime.families.qwen2vl import Qwen2VLLayout, rope_index, vision_positions
 from edgevlm.runtime.preprocess.qwen2vl import Qwen2VLImageConfig, image_grid, preprocess
 
 FIXTURE = Path(__file__).parent / "fixtures" / "qwen2-vl-2b"
+FIXTURE_25 = Path(__file__).parent / "fixtures" / "qwen2.5-vl-3b"  # configs only: tokenizer etc. are Qwen2-VL's
 PROCESSOR = json.loads((FIXTURE / "preprocessor_config.json").read_text())
 CONFIG = json.loads((FIXTURE / "config.json").read_text())
 
@@ -98,9 +103,11 @@ def test_the_image_tokens_expand_as_the_processor_does():
     assert expanded.endswith("<|im_start|>assistant\n")
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("grids", [[], [(1, 16, 22)], [(1, 4, 6), (1, 30, 2)], [(1, 2, 2), (1, 6, 4), (1, 8, 8)]])
-def test_mrope_positions_match_get_rope_index(grids):
+def test_mrope_positions_match_get_rope_index(grids, family):
     import torch
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 
     image, start, end = CONFIG["image_token_id"], CONFIG["vision_start_token_id"], CONFIG["vision_end_token_id"]
@@ -109,20 +116,68 @@ def test_mrope_positions_match_get_rope_index(grids):
     for t, h, w in grids:
         ids += [start] + [image] * (t * h * w // 4) + [end] + list(rng.integers(0, 1000, int(rng.integers(1, 9))))
     fake = SimpleNamespace(config=SimpleNamespace(
-        vision_config=SimpleNamespace(spatial_merge_size=2), image_token_id=image,
+        vision_config=SimpleNamespace(spatial_merge_size=2, tokens_per_second=2), image_token_id=image,
         video_token_id=CONFIG["video_token_id"], vision_start_token_id=start))
-    expected, delta = Qwen2VLModel.get_rope_index(
-        fake, torch.tensor([ids]), torch.tensor(grids) if grids else None, None, None)
+    model = Qwen2VLModel if family == "qwen2_vl" else Qwen2_5_VLModel
+    expected, delta = model.get_rope_index(fake, torch.tensor([ids]), torch.tensor(grids) if grids else None)
     positions, ours = rope_index(ids, grids, image)
     assert positions.tolist() == expected[:, 0].tolist()
     assert ours == int(delta.reshape(-1)[0])
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen(tmp_path_factory):
+@pytest.mark.parametrize("grids", [[(1, 16, 22)], [(1, 8, 8)], [(1, 2, 2), (1, 18, 10)], [(1, 10, 30), (1, 4, 6)],
+                                   [(2, 8, 12)]])
+def test_the_window_order_matches_get_window_index(grids):
+    """Qwen2.5-VL's patch order (windows of 4×4 merged tokens, the edge ones partial, empty ones dropped) and window
+    boundaries are HF's for one and several images, whole and partial windows, and a 2-frame grid."""
+    import torch
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    fake = SimpleNamespace(window_size=112, spatial_merge_size=2, patch_size=14, spatial_merge_unit=4)
+    expected, boundaries = Qwen2_5_VisionTransformerPretrainedModel.get_window_index(fake, torch.tensor(grids))
+    order, window_of = window_index(grids, 2, 4)
+    assert order.tolist() == expected.tolist()
+    sizes = np.bincount(window_of) * 4
+    assert [0, *np.cumsum(sizes).tolist()] == torch.unique_consecutive(torch.tensor(boundaries)).tolist()
+
+
+HF_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def tiny_qwen(request, tmp_path_factory):
+    """A tiny random checkpoint of each family (Qwen2.5-VL: 4 vision blocks, windowed and full-attention ones)."""
     from edgevlm.export.random_model import QwenTinyDims, build_random_qwen2vl
 
-    return build_random_qwen2vl(FIXTURE, tmp_path_factory.mktemp("tiny-qwen2vl"), dims=QwenTinyDims())
+    family = request.param
+    if family == "qwen2_vl":
+        return build_random_qwen2vl(FIXTURE, tmp_path_factory.mktemp("tiny-qwen2vl"), dims=QwenTinyDims())
+    return build_random_qwen2vl(FIXTURE_25, tmp_path_factory.mktemp("tiny-qwen25vl"),
+                                dims=QwenTinyDims(vision_layers=4), tokenizer_dir=FIXTURE)
+
+
+def family_of(checkpoint: Path) -> str:
+    return json.loads((checkpoint / "config.json").read_text())["model_type"]
+
+
+def hf_model(checkpoint: Path):
+    import transformers
+
+    return getattr(transformers, HF_CLASSES[family_of(checkpoint)]).from_pretrained(checkpoint).eval()
+
+
+def export_family(checkpoint: Path):
+    from edgevlm.export.families import family_named
+
+    return family_named(family_of(checkpoint))
+
+
+def vision_feed(checkpoint: Path, values: np.ndarray, grids: list) -> dict[str, np.ndarray]:
+    """The family's vision graph inputs, made on the host as the runtime makes them."""
+    if family_of(checkpoint) == "qwen2_5_vl":
+        return windowed_feed(values, grids, 2, 4)
+    positions, segments = vision_positions(grids)
+    return {"pixel_values": values, "position_ids": positions, "segment_ids": segments}
 
 
 def test_the_runtime_prompt_and_pixels_drive_transformers_like_its_own(tiny_qwen):
@@ -131,7 +186,7 @@ def test_the_runtime_prompt_and_pixels_drive_transformers_like_its_own(tiny_qwen
     tokenizer gives for the processor's expansion, and the same greedy tokens from the model."""
     import torch
     from tokenizers import Tokenizer
-    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+    from transformers import AutoTokenizer, Qwen2VLImageProcessor
 
     from edgevlm.runtime.prompt import ChatTemplate, encode_prompt
 
@@ -154,7 +209,7 @@ def test_the_runtime_prompt_and_pixels_drive_transformers_like_its_own(tiny_qwen
     reference = hf_tokenizer(prompt.replace("<|placeholder|>", "<|image_pad|>"))["input_ids"]
     assert ours == reference
 
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen).eval()
+    model = hf_model(tiny_qwen)
     with torch.no_grad():
         theirs = model.generate(input_ids=torch.tensor([reference]), pixel_values=hf_images["pixel_values"],
                                 image_grid_thw=hf_images["image_grid_thw"], max_new_tokens=8, do_sample=False)
@@ -168,46 +223,42 @@ def test_the_runtime_prompt_and_pixels_drive_transformers_like_its_own(tiny_qwen
 
 def test_the_exportable_vision_encoder_equals_transformers(tiny_qwen):
     """The vision tower with its grid-derived inputs computed on the host (runtime) equals HF's on one image and
-    on two images of different sizes (attention stays within each image)."""
+    on two images of different sizes (attention stays within each image; Qwen2.5-VL: and within each window in
+    its windowed blocks)."""
     import torch
-    from transformers import Qwen2VLForConditionalGeneration
 
-    from edgevlm.export.families.qwen2vl import VisionEncoder
-    from edgevlm.runtime.families.qwen2vl import vision_positions
-
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen).eval()
+    model = hf_model(tiny_qwen)
     config = Qwen2VLImageConfig.from_dict(json.loads((tiny_qwen / "preprocessor_config.json").read_text()))
-    encoder = VisionEncoder(model).eval()
+    family = export_family(tiny_qwen)
+    encoder = family.VisionEncoder(model).eval()
     for images in ([picture(300, 200, 5)], [picture(300, 200, 5), picture(90, 400, 6)]):
         values, grids = preprocess(images, config)
-        positions, segments = vision_positions(grids.tolist())
+        feed = {k: torch.from_numpy(v) for k, v in vision_feed(tiny_qwen, values, grids.tolist()).items()}
         with torch.no_grad():
             expected = model.model.visual(torch.from_numpy(values), grid_thw=torch.from_numpy(grids))
-            ours = encoder(torch.from_numpy(values), torch.from_numpy(positions), torch.from_numpy(segments))
+            ours = encoder(**feed)
+            if family.FAMILY == "qwen2_5_vl":  # the windows matter: without them the features are not HF's
+                unwindowed = encoder(**{**feed, "window_ids": feed["segment_ids"]})
+                assert float((unwindowed - expected).abs().max()) > 1e-3
         assert ours.shape == expected.shape
         assert float((ours - expected).abs().max()) < 1e-5
 
 
 def test_the_vision_graph_runs_any_image_count_and_size(tiny_qwen, tmp_path):
-    """Exported once (traced on two images of 4×6 and 2×8 patches), the ONNX graph gives HF's features for other
-    counts and sizes: nothing about the grid is baked in."""
+    """Exported once (traced on two images), the ONNX graph gives HF's features for other counts and sizes:
+    nothing about the grid (or Qwen2.5-VL's windows) is baked in."""
     import onnxruntime as ort
     import torch
-    from transformers import Qwen2VLForConditionalGeneration
 
-    from edgevlm.export.families.qwen2vl import export_vision
-    from edgevlm.runtime.families.qwen2vl import vision_positions
-
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen).eval()
+    model = hf_model(tiny_qwen)
     path = tmp_path / "vision_encoder.onnx"
     with torch.no_grad():
-        export_vision(model, path, 17)
+        export_family(tiny_qwen).export_vision(model, path, 17)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     config = Qwen2VLImageConfig.from_dict(json.loads((tiny_qwen / "preprocessor_config.json").read_text()))
     for images in ([picture(500, 300, 7)], [picture(60, 60, 8), picture(200, 420, 9), picture(333, 111, 10)]):
         values, grids = preprocess(images, config)
-        positions, segments = vision_positions(grids.tolist())
-        (features,) = session.run(None, {"pixel_values": values, "position_ids": positions, "segment_ids": segments})
+        (features,) = session.run(None, vision_feed(tiny_qwen, values, grids.tolist()))
         with torch.no_grad():
             expected = model.model.visual(torch.from_numpy(values), grid_thw=torch.from_numpy(grids)).numpy()
         assert features.shape == expected.shape
@@ -219,12 +270,12 @@ def test_the_fused_mrope_decoder_matches_transformers(tiny_qwen, tmp_path):
     rows) gives HF's logits on an image prompt at prefill and at two decode steps at position + rope offset."""
     import onnxruntime as ort
     import torch
-    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+    from transformers import AutoTokenizer
 
     from edgevlm.export.fused_decoder import build_fused_decoder
     from edgevlm.runtime.rope import inv_freq, mrope_tables
 
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen).eval()
+    model = hf_model(tiny_qwen)
     info = build_fused_decoder(model, tmp_path / "decoder.onnx", max_sequence_length=512)
     assert info["rotary"] == "mrope"
     session = ort.InferenceSession(str(tmp_path / "decoder.onnx"), providers=["CPUExecutionProvider"])
@@ -284,16 +335,20 @@ def test_the_fused_mrope_decoder_matches_transformers(tiny_qwen, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def qwen_package(tiny_qwen, tmp_path_factory):
+def qwen_packages(tiny_qwen, tmp_path_factory):
+    """The checkpoint exported in both decoder forms; `export_package` verified each against transformers."""
     import os
 
     from edgevlm.export.convert import Progress, export_package
 
-    with open(os.devnull, "w") as quiet:
-        package, report = export_package(str(tiny_qwen), tmp_path_factory.mktemp("qwen-pkg") / "tiny-qwen2vl",
-                                         progress=Progress(quiet))
-    assert report.ok, "\n".join(report.lines())  # vision, embeddings, decoder and greedy tokens against HF
-    return package.path
+    out = {}
+    for form in ("fused", "portable"):
+        with open(os.devnull, "w") as quiet:
+            package, report = export_package(str(tiny_qwen), tmp_path_factory.mktemp("qwen-pkg") / form,
+                                             decoder_form=form, progress=Progress(quiet))
+        assert report.ok, "\n".join(report.lines())  # vision, embeddings, decoder and greedy tokens against HF
+        out[form] = package.path
+    return out
 
 
 def _uri(image: Image.Image) -> str:
@@ -305,43 +360,64 @@ def _uri(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-@pytest.mark.parametrize("case", ["text", "one image", "two images"])
-def test_served_answers_equal_transformers(tiny_qwen, qwen_package, case):
-    """Through the engine (scheduler, KV slab, M-RoPE positions and offsets): greedy tokens identical to
-    transformers.generate and logprobs within 1e-5 (they agree to ~5e-7; a decode rope offset of 0 moves them
-    ~1e-4), for text, one image and two images of different sizes."""
+@pytest.mark.parametrize("form", ["fused", "portable"])
+def test_edgevlm_serve_answers_as_transformers(tiny_qwen, qwen_packages, form):
+    """`edgevlm serve` on the package, through the openai client (streamed): for text, one image and two images of
+    different sizes, the tokens are transformers.generate's greedy tokens on its own processor's inputs, their
+    logprobs within 1e-4 (they agree to ~1e-6; a decode rope offset of 0 moves them ~1e-4 on the image prompts),
+    and usage counts the prompt and its image tokens as the processor does; a required tool call works too."""
+    import openai
     import torch
-    from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+    from conftest import ServerProcess
 
-    from edgevlm.runtime.sampling import SamplingParams
-    from edgevlm.runtime.vlm import VisionLanguageModel
-
-    images = {"text": [], "one image": [picture(500, 300, 21)],
-              "two images": [picture(300, 200, 22), picture(120, 260, 23)]}[case]
-    content = [{"type": "image_url", "image_url": {"url": _uri(image)}} for image in images]
-    messages = [{"role": "user", "content": content + [{"type": "text", "text": "What do you see?"}]}]
-    params = SamplingParams(temperature=0, max_tokens=20, logprobs=True)
-    vlm = VisionLanguageModel.load(qwen_package)
+    model, family = hf_model(tiny_qwen), export_family(tiny_qwen)
+    processor = family.load_processor(str(tiny_qwen))
+    tokenizer, image_id = processor.tokenizer, model.config.image_token_id
+    eos = [int(t) for t in model.generation_config.eos_token_id]
+    cases = {"text": [], "one image": [picture(500, 300, 21)],
+             "two images": [picture(300, 200, 22), picture(120, 260, 23)]}
+    server = ServerProcess("--model", str(qwen_packages[form]))
     try:
-        prompt = vlm.prepare(messages, params)
-        steps = list(vlm.generate(prompt, params))
+        client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+        for case, images in cases.items():
+            question = "What do you see?"
+            inputs = family.chat_inputs(processor, images, question)
+            with torch.no_grad():  # repetition_penalty 1: the card's generation config has 1.05, the API no such field
+                out = model.generate(**inputs, max_new_tokens=12, do_sample=False, repetition_penalty=1.0,
+                                     eos_token_id=eos, output_scores=True, return_dict_in_generate=True)
+            reference = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+            reference = reference[:next((i for i, t in enumerate(reference) if t in eos), len(reference))]
+
+            content = [{"type": "image_url", "image_url": {"url": _uri(image)}} for image in images]
+            chunks = list(client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": content + [{"type": "text", "text": question}]}],
+                max_tokens=12, temperature=0, logprobs=True, stream=True, stream_options={"include_usage": True}))
+            entries = [e for c in chunks if c.choices and c.choices[0].logprobs
+                       for e in c.choices[0].logprobs.content]
+            assert [e.token for e in entries] == [tokenizer.decode([t]) for t in reference], case
+            for entry, token, scores in zip(entries, reference, out.scores):
+                assert abs(entry.logprob - float(torch.log_softmax(scores[0].double(), -1)[token])) < 1e-4, case
+            usage = chunks[-1].usage
+            assert usage.prompt_tokens == inputs["input_ids"].shape[1]
+            assert usage.prompt_tokens_details.image_tokens == int((inputs["input_ids"] == image_id).sum())
+            assert usage.completion_tokens == len(reference) and len(reference) >= 1
+        # Tools on this family's chat template (it has no tools section; the server describes them): a required
+        # call is a call of the named function with arguments of its schema.
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+            "additionalProperties": False}}}]
+        response = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Weather?"}],
+                                                  tools=tools, tool_choice="required", parallel_tool_calls=False,
+                                                  max_tokens=60)
+        choice = response.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls[0].function.name == "get_weather"
+        assert json.loads(choice.message.tool_calls[0].function.arguments)["city"] in ("Paris", "Rome")
     finally:
-        vlm.close()
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen).eval()
-    extra = {}
-    if images:
-        pixels = Qwen2VLImageProcessor.from_pretrained(tiny_qwen)(images=images, return_tensors="pt")
-        extra = {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
-    with torch.no_grad():  # repetition_penalty 1: the card's generation config has 1.05, the API has no such field
-        out = model.generate(input_ids=torch.tensor([prompt.input_ids]), max_new_tokens=20, do_sample=False,
-                             repetition_penalty=1.0, output_scores=True, return_dict_in_generate=True, **extra)
-    reference = out.sequences[0, len(prompt.input_ids):].tolist()
-    assert [s.token for s in steps] == reference[:len(steps)] and len(steps) >= 1
-    for step, scores in zip(steps, out.scores):
-        assert abs(step.sample.logprob - float(torch.log_softmax(scores[0].double(), -1)[step.token])) < 1e-5
+        server.stop()
 
 
-def test_batched_rows_keep_their_own_rope_offsets(qwen_package):
+@pytest.mark.parametrize("form", ["fused", "portable"])
+def test_batched_rows_keep_their_own_rope_offsets(qwen_packages, form):
     """Three requests (text, one image, two images: three different decode offsets) decoded together give the
     tokens and logprobs each gave alone (the second time their prompts come from the prefix cache, so prefix
     reuse keeps M-RoPE positions exact too)."""
@@ -356,7 +432,7 @@ def test_batched_rows_keep_their_own_rope_offsets(qwen_package):
                                               for image in images] + [{"type": "text", "text": "Go on."}]}]
                 for images in conversations]
     params = SamplingParams(temperature=0, max_tokens=16, logprobs=True)
-    vlm = VisionLanguageModel.load(qwen_package)
+    vlm = VisionLanguageModel.load(qwen_packages[form])
     try:
         alone = [[(s.token, s.sample.logprob) for s in vlm.generate(vlm.prepare(m, params), params)]
                  for m in requests]
@@ -375,40 +451,7 @@ def test_batched_rows_keep_their_own_rope_offsets(qwen_package):
         assert max(abs(a - b) for (_, a), (_, b) in zip(got, expected)) < 1e-5
 
 
-def test_edgevlm_serve_answers_with_the_openai_client(qwen_package):
-    """The real server on the Qwen2-VL package: an image question through the openai client streams the same
-    tokens as the in-process engine, with the image's tokens counted in usage."""
-    import openai
-    from conftest import ServerProcess
-
-    from edgevlm.runtime.sampling import SamplingParams
-    from edgevlm.runtime.vlm import VisionLanguageModel
-
-    image = picture(400, 300, 41)
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _uri(image)}},
-                                             {"type": "text", "text": "Describe it."}]}]
-    vlm = VisionLanguageModel.load(qwen_package)
-    try:
-        params = SamplingParams(temperature=0, max_tokens=10)
-        prompt = vlm.prepare(messages, params)
-        expected = "".join(s.text for s in vlm.generate(prompt, params))
-    finally:
-        vlm.close()
-    server = ServerProcess("--model", str(qwen_package))
-    try:
-        client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
-        chunks = list(client.chat.completions.create(model="m", messages=messages, max_tokens=10, temperature=0,
-                                                     stream=True, stream_options={"include_usage": True}))
-        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        usage = chunks[-1].usage
-        assert text == expected
-        assert usage.prompt_tokens == len(prompt.input_ids)
-        assert usage.prompt_tokens_details.image_tokens == prompt.image_tokens > 0
-    finally:
-        server.stop()
-
-
-def test_structured_output_on_the_qwen_tokenizer(qwen_package):
+def test_structured_output_on_the_qwen_tokenizer(qwen_packages):
     """response_format json_schema works with Qwen2's 151k-token byte-level BPE (llguidance indexes it): the
     random model's answer is the schema's JSON."""
     from edgevlm.runtime.grammar import parse_response_format
@@ -418,7 +461,7 @@ def test_structured_output_on_the_qwen_tokenizer(qwen_package):
     schema = parse_response_format({"type": "json_schema", "json_schema": {"name": "s", "schema": {
         "type": "object", "properties": {"colour": {"enum": ["red", "blue"]}, "count": {"enum": [1, 2, 3]}},
         "required": ["colour", "count"], "additionalProperties": False}}})
-    vlm = VisionLanguageModel.load(qwen_package)
+    vlm = VisionLanguageModel.load(qwen_packages["fused"])
     try:
         params = SamplingParams(temperature=0, max_tokens=40)
         prompt = vlm.prepare([{"role": "user", "content": [
