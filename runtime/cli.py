@@ -169,7 +169,8 @@ def _add_serve(subparsers) -> None:
     engine = EngineConfig()
     p = subparsers.add_parser("serve", help="serve a model over the OpenAI Chat Completions API",
                               description="Serve POST /v1/chat/completions (streaming and not), GET /v1/models, "
-                                          "GET /health and GET /openapi.json. Sizes are in MB of 10^6 bytes and "
+                                          "GET /health, GET /openapi.json, and a playground page at GET / "
+                                          "(open it in a browser). Sizes are in MB of 10^6 bytes and "
                                           "MP of 10^6 pixels; the defaults fit a 4 GB device.")
     p.add_argument("--model", help=f"model package folder (default: the bundled model, {DEFAULT_MODEL})")
     p.add_argument("--host", default="127.0.0.1")

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP server (aiohttp): /v1/chat/completions, /v1/models, /health, /metrics, /openapi.json.
+"""The OpenAI-compatible HTTP server (aiohttp): /v1/chat/completions, /v1/models, /health, /metrics, /openapi.json,
+and the playground page at / (static files from runtime/playground/, under /playground/).
 
 The event loop only parses, admits and writes. Checking a request's messages and decoding its images run on one
 preparing thread; the model's engine thread (scheduler.py) runs the vision encoder and the decoder for every
@@ -194,6 +195,35 @@ def _auth_middleware(api_key: str | None):
     return auth
 
 
+# The playground: a hand-written page (no build step, nothing fetched from elsewhere) served as static files. Like
+# /health it needs no API key: the page holds nothing secret, and it sends the key the user types to /v1 itself.
+PLAYGROUND = Path(__file__).parent / "playground"
+_PLAYGROUND_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                     ".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}
+# The browser loads nothing but this server's own files: no CDN, no fonts, no outside requests; images are data:
+# or blob: URLs made in the page.
+_PLAYGROUND_CSP = ("default-src 'self'; img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; "
+                   "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _playground_file(name: str, headers: dict | None = None) -> web.FileResponse:
+    path = PLAYGROUND / name
+    if path.suffix not in _PLAYGROUND_TYPES or not path.is_file():
+        raise web.HTTPNotFound()  # the errors middleware answers it in OpenAI's shape
+    return web.FileResponse(path, headers={"Content-Type": _PLAYGROUND_TYPES[path.suffix],
+                                           "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+                                           **(headers or {})})
+
+
+async def playground(request: web.Request) -> web.FileResponse:
+    return _playground_file("index.html", {"Content-Security-Policy": _PLAYGROUND_CSP})
+
+
+async def playground_asset(request: web.Request) -> web.FileResponse:
+    """A file of the playground's folder by its bare name (no folders, so no way out of it)."""
+    return _playground_file(request.match_info["name"])
+
+
 def _fingerprint(model: VisionLanguageModel) -> str:
     return f"fp_edgevlm{__version__}_{model.fingerprint}"
 
@@ -244,6 +274,8 @@ def make_app(config: ServerConfig, *, loader: Callable[[], VisionLanguageModel] 
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/", playground)
+    app.router.add_get(r"/playground/{name:[A-Za-z0-9_-][A-Za-z0-9_.-]*}", playground_asset)
     return app
 
 
