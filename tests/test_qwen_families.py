@@ -172,12 +172,18 @@ def export_family(checkpoint: Path):
     return family_named(family_of(checkpoint))
 
 
-def vision_feed(checkpoint: Path, values: np.ndarray, grids: list) -> dict[str, np.ndarray]:
-    """The family's vision graph inputs, made on the host as the runtime makes them."""
-    if family_of(checkpoint) == "qwen2_5_vl":
-        return windowed_feed(values, grids, 2, 4)
-    positions, segments = vision_positions(grids)
-    return {"pixel_values": values, "position_ids": positions, "segment_ids": segments}
+def vision_feeds(checkpoint: Path, values: np.ndarray, grids: list) -> list[dict[str, np.ndarray]]:
+    """The family's vision graph inputs, one feed per image (one image a run), made on the host as the runtime
+    makes them."""
+    feeds, start = [], 0
+    for t, h, w in grids:
+        image = values[start:start + t * h * w]
+        start += t * h * w
+        if family_of(checkpoint) == "qwen2_5_vl":
+            feeds.append(windowed_feed(image, (t, h, w), 2, 4))
+        else:
+            feeds.append({"pixel_values": image, "position_ids": vision_positions([(t, h, w)])[0]})
+    return feeds
 
 
 def test_the_runtime_prompt_and_pixels_drive_transformers_like_its_own(tiny_qwen):
@@ -233,20 +239,27 @@ def test_the_exportable_vision_encoder_equals_transformers(tiny_qwen):
     encoder = family.VisionEncoder(model).eval()
     for images in ([picture(300, 200, 5)], [picture(300, 200, 5), picture(90, 400, 6)]):
         values, grids = preprocess(images, config)
-        feed = {k: torch.from_numpy(v) for k, v in vision_feed(tiny_qwen, values, grids.tolist()).items()}
+        feeds = [{k: torch.from_numpy(v) for k, v in feed.items()}
+                 for feed in vision_feeds(tiny_qwen, values, grids.tolist())]
         with torch.no_grad():
             expected = model.model.visual(torch.from_numpy(values), grid_thw=torch.from_numpy(grids))
-            ours = encoder(**feed)
+            ours = torch.cat([encoder(**feed) for feed in feeds])
             if family.FAMILY == "qwen2_5_vl":  # the windows matter: without them the features are not HF's
-                unwindowed = encoder(**{**feed, "window_ids": feed["segment_ids"]})
+                windowed = list(model.model.visual.fullatt_block_indexes)
+                model.model.visual.fullatt_block_indexes = list(range(len(model.model.visual.blocks)))
+                try:
+                    unwindowed = torch.cat([encoder(**feed) for feed in feeds])
+                finally:
+                    model.model.visual.fullatt_block_indexes = windowed
                 assert float((unwindowed - expected).abs().max()) > 1e-3
         assert ours.shape == expected.shape
         assert float((ours - expected).abs().max()) < 1e-5
 
 
 def test_the_vision_graph_runs_any_image_count_and_size(tiny_qwen, tmp_path):
-    """Exported once (traced on two images), the ONNX graph gives HF's features for other counts and sizes:
-    nothing about the grid (or Qwen2.5-VL's windows) is baked in."""
+    """Exported once (traced on one image), the ONNX graph gives HF's features for other sizes, one image a run
+    (HF's attention stays within each image: several images are several runs): nothing about the grid (or
+    Qwen2.5-VL's windows) is baked in, and attention is onnxruntime's fused MultiHeadAttention."""
     import onnxruntime as ort
     import torch
 
@@ -254,11 +267,16 @@ def test_the_vision_graph_runs_any_image_count_and_size(tiny_qwen, tmp_path):
     path = tmp_path / "vision_encoder.onnx"
     with torch.no_grad():
         export_family(tiny_qwen).export_vision(model, path, 17)
+    import onnx
+
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("MultiHeadAttention") == len(model.model.visual.blocks) and "Softmax" not in ops
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     config = Qwen2VLImageConfig.from_dict(json.loads((tiny_qwen / "preprocessor_config.json").read_text()))
     for images in ([picture(500, 300, 7)], [picture(60, 60, 8), picture(200, 420, 9), picture(333, 111, 10)]):
         values, grids = preprocess(images, config)
-        (features,) = session.run(None, vision_feed(tiny_qwen, values, grids.tolist()))
+        features = np.concatenate([session.run(None, feed)[0]
+                                   for feed in vision_feeds(tiny_qwen, values, grids.tolist())])
         with torch.no_grad():
             expected = model.model.visual(torch.from_numpy(values), grid_thw=torch.from_numpy(grids)).numpy()
         assert features.shape == expected.shape

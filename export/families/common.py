@@ -89,3 +89,65 @@ def decoder_onnx_config(text_config, *, mrope: bool = False):
             return reference_model_inputs
 
     return DecoderOnnxConfig(text_config, task="text-generation", use_past=True, use_past_in_inputs=True)
+
+
+class _Attention(torch.autograd.Function):
+    """Multi-head attention over q, k, v [B, S, heads · head_dim] (rotary already applied), no causal mask;
+    `mask` [B, S] (1: a real key, 0: padding) or None. Exported as a placeholder node that `contrib_attention`
+    turns into onnxruntime's com.microsoft.MultiHeadAttention."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, heads: int, scale: float):
+        batch, length, width = q.shape
+
+        def split(x):
+            return x.reshape(batch, length, heads, width // heads).transpose(1, 2)
+
+        attn_mask = None if mask is None else mask.bool()[:, None, None, :]
+        out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=attn_mask,
+                                                               scale=scale)
+        return out.transpose(1, 2).reshape(batch, length, width)
+
+    @staticmethod
+    def symbolic(g, q, k, v, mask, heads: int, scale: float):
+        inputs = [q, k, v] if mask is None else [q, k, v, mask]
+        out = g.op(f"{PLACEHOLDER_DOMAIN}::Attention", *inputs, num_heads_i=heads, scale_f=scale)
+        out.setType(q.type())
+        return out
+
+
+PLACEHOLDER_DOMAIN = "edgevlm"
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Bidirectional multi-head attention (a vision tower's); in an exported graph, onnxruntime's fused
+    MultiHeadAttention: without a mask its CPU kernel is flash attention, O(S) memory instead of the O(S²) scores
+    of MatMul + Softmax + MatMul (4.2 GB → 0.24 GB and 4× faster for one 1024×768 image's 3,996 patches at
+    Qwen2-VL's 16 heads × 80); with a key padding mask, the plain kernel (for small padded blocks, e.g. windows)."""
+    return _Attention.apply(q, k, v, None if mask is None else mask.to(torch.int32), heads, scale)
+
+
+def contrib_attention(path) -> int:
+    """Rewrite the exported graph at `path`: each placeholder Attention node → com.microsoft.MultiHeadAttention
+    (query, key, value, bias '', key_padding_mask); → the number of nodes rewritten."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    count = 0
+    for node in model.graph.node:
+        if node.domain == PLACEHOLDER_DOMAIN and node.op_type == "Attention":
+            inputs = list(node.input)
+            if len(inputs) == 4:
+                inputs = inputs[:3] + ["", inputs[3]]
+            del node.input[:]
+            node.input.extend(inputs)
+            node.domain, node.op_type = "com.microsoft", "MultiHeadAttention"
+            count += 1
+    imports = [op for op in model.opset_import if op.domain != PLACEHOLDER_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(imports)
+    if not any(op.domain == "com.microsoft" for op in imports):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(path))
+    return count

@@ -6,22 +6,22 @@ that attend within 112-pixel windows except `fullatt_block_indexes`. HF orders t
 the model (a Python loop over grid_thw that tracing would freeze); here the host does it
 (`runtime.families.qwen2_5_vl.vision_feed`) and the graph takes
 
-    pixel_values, position_ids, segment_ids (image) in window order, window_ids, restore_index
-    →  image_features [patches / 4, text_hidden] in the processor's order
+    pixel_values, position_ids in window order; window_gather, window_mask, window_scatter (the patches laid out
+    as padded windows of 64); restore_index  →  image_features [patches / 4, text_hidden] in the processor's order
 
-with two block-diagonal masks (image, window) chosen per block.
+one image a run: the full-attention blocks attend across the image (flash attention), the others within windows.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import qwen2vl
+from . import common, qwen2vl
 
 FAMILY = "qwen2_5_vl"
 ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
 MODEL_TYPES = ("qwen2_5_vl",)
-INPUTS = ["pixel_values", "position_ids", "segment_ids", "window_ids", "restore_index"]
+INPUTS = ["pixel_values", "position_ids", "window_gather", "window_mask", "window_scatter", "restore_index"]
 
 # Qwen2-VL's, unchanged: processor, verification inputs and reference, M-RoPE positions, the portable decoder.
 load_processor, chat_inputs, reference_features = qwen2vl.load_processor, qwen2vl.chat_inputs, qwen2vl.reference_features
@@ -30,15 +30,18 @@ portable_decoder_fields = qwen2vl.portable_decoder_fields
 
 
 class VisionEncoder(qwen2vl.VisionEncoder):
-    def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor,
-                window_ids: torch.Tensor, restore_index: torch.Tensor) -> torch.Tensor:
+    """One image a run, in window order (`runtime.families.qwen2_5_vl.vision_feed`); the windowed blocks attend
+    within padded windows, the full-attention ones across the image (flash attention)."""
+
+    def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, window_gather: torch.Tensor,
+                window_mask: torch.Tensor, window_scatter: torch.Tensor, restore_index: torch.Tensor) -> torch.Tensor:
         visual = self.visual
         hidden = visual.patch_embed(pixel_values)
         cos, sin = self._rotary(position_ids)
-        image_mask, window_mask = self._mask(segment_ids, hidden.dtype), self._mask(window_ids, hidden.dtype)
+        windows = (window_gather, window_scatter, window_mask)
         full = set(visual.fullatt_block_indexes)
         for index, block in enumerate(visual.blocks):
-            hidden = self._block(block, hidden, cos, sin, image_mask if index in full else window_mask)
+            hidden = self._block(block, hidden, cos, sin, None if index in full else windows)
         return visual.merger(hidden)[restore_index]
 
 
@@ -48,17 +51,16 @@ def _window(model) -> int:
 
 
 def vision_dummy_inputs(model) -> tuple[torch.Tensor, ...]:
-    """Two images of different grids, each with several windows, the last ones partial (so no window count or
-    size is a constant of the trace)."""
+    """An image of 12×10 patches: several windows, the last ones partial (so no window count or size is a
+    constant of the trace)."""
     from ...runtime.families.qwen2_5_vl import vision_feed
 
     vision = model.config.vision_config
     width = vision.in_chans * vision.temporal_patch_size * vision.patch_size ** 2
-    grids = [(1, 12, 10), (1, 6, 18)]
-    patches = sum(t * h * w for t, h, w in grids)
+    grid = (1, 12, 10)
     generator = torch.Generator().manual_seed(0)
-    values = torch.randn(patches, width, generator=generator).numpy()
-    feed = vision_feed(values, grids, vision.spatial_merge_size, _window(model))
+    values = torch.randn(12 * 10, width, generator=generator).numpy()
+    feed = vision_feed(values, grid, vision.spatial_merge_size, _window(model))
     return tuple(torch.from_numpy(feed[name]) for name in INPUTS)
 
 
@@ -66,10 +68,13 @@ def export_vision(model, path, opset: int) -> None:
     torch.onnx.export(
         VisionEncoder(model).eval(), vision_dummy_inputs(model), str(path),
         input_names=INPUTS, output_names=["image_features"],
-        dynamic_axes={**{name: {0: "patches"} for name in INPUTS[:4]}, "restore_index": {0: "image_tokens"},
+        dynamic_axes={"pixel_values": {0: "patches"}, "position_ids": {0: "patches"},
+                      "window_gather": {0: "window_slots"}, "window_mask": {0: "windows"},
+                      "window_scatter": {0: "patches"}, "restore_index": {0: "image_tokens"},
                       "image_features": {0: "image_tokens"}},
-        opset_version=opset, dynamo=False,
+        opset_version=opset, dynamo=False, custom_opsets={common.PLACEHOLDER_DOMAIN: 1},
     )
+    common.contrib_attention(path)
 
 
 def load_model(source: str, **hub_kwargs):
@@ -87,9 +92,11 @@ def package_metadata(model, processor) -> dict:
 
 
 def package_features(engine, inputs):
+    import numpy as np
+
     from ...runtime.families.qwen2_5_vl import vision_feed
 
     vision = engine.package.vision
     window = vision["window_size"] // vision["merge_size"] // vision["patch_size"]
-    return engine.run_vision(vision_feed(inputs["pixel_values"].numpy(), inputs["image_grid_thw"].tolist(),
-                                         vision["merge_size"], window))
+    return np.concatenate([engine.run_vision(vision_feed(values, grid, vision["merge_size"], window))
+                           for values, grid in qwen2vl._per_image(inputs)])

@@ -1,15 +1,15 @@
 """Qwen2-VL: the export family (vision graph, package metadata, verification inputs, the portable decoder).
 
 HF's vision tower loops over images (`rot_pos_emb`, split-by-length attention with `.tolist()`): tracing would
-bake the image count and sizes into the graph. Here everything that depends on the grid is computed on the host
-(`runtime.families.qwen2vl.vision_positions`, a few integers per patch) and enters as inputs:
+bake the image count and sizes into the graph. Here what depends on the grid is computed on the host
+(`runtime.families.qwen2vl.vision_positions`, two integers per patch) and enters as an input, one image a run:
 
     pixel_values [patches, 3·2·14·14] f32, position_ids [patches, 2] i64 (row, column of each patch, in the
-    merger's 2×2 order), segment_ids [patches] i64 (which image)  →  image_features [patches / 4, text_hidden]
+    merger's 2×2 order)  →  image_features [patches / 4, text_hidden]
 
-The rotary angles are `position_ids × inv_freq` (what indexing HF's table computes); attention is one SDPA call
-over all patches with a block-diagonal mask from the segment ids (attention stays within each image, as HF's
-per-image split does), so any number of images of any size runs in one graph.
+The rotary angles are `position_ids × inv_freq` (what indexing HF's table computes); attention is onnxruntime's
+MultiHeadAttention over the whole image (HF attends within each image: one image a run is the same), whose CPU
+kernel is flash attention.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torch.nn import functional as F
 
 from . import common
 
@@ -32,17 +31,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class VisionEncoder(nn.Module):
+    """One image a run: pixel_values [patches, 1176], position_ids [patches, 2] → image_features [patches / 4, hidden].
+    Attention over all the image's patches is onnxruntime's MultiHeadAttention (flash attention on CPU)."""
+
     def __init__(self, model):
         super().__init__()
         self.visual = model.model.visual
 
-    def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.visual.patch_embed(pixel_values)
         cos, sin = self._rotary(position_ids)
-        mask = self._mask(segment_ids, hidden.dtype)
         for block in self.visual.blocks:
-            hidden = self._block(block, hidden, cos, sin, mask)
+            hidden = self._block(block, hidden, cos, sin)
         return self.visual.merger(hidden)
 
     def _rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,49 +51,54 @@ class VisionEncoder(nn.Module):
         emb = torch.cat((angles, angles), dim=-1)
         return emb.cos()[:, None, :], emb.sin()[:, None, :]
 
-    @staticmethod
-    def _mask(group_ids: torch.Tensor, dtype) -> torch.Tensor:
-        """Additive attention mask: each patch sees the patches of its own group (image, or window) only."""
-        same = group_ids[:, None] == group_ids[None, :]
-        return torch.zeros(same.shape, dtype=dtype).masked_fill(~same, torch.finfo(dtype).min)
-
-    def _block(self, block, hidden, cos, sin, mask) -> torch.Tensor:
-        hidden = hidden + self._attention(block.attn, block.norm1(hidden), cos, sin, mask)
+    def _block(self, block, hidden, cos, sin, windows=None) -> torch.Tensor:
+        hidden = hidden + self._attention(block.attn, block.norm1(hidden), cos, sin, windows)
         return hidden + block.mlp(block.norm2(hidden))
 
     @staticmethod
-    def _attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, windows=None) -> torch.Tensor:
+        """`windows` None: every patch attends to every other; else (gather [W·L], scatter [patches], mask [W, L]):
+        the patches laid out as W padded windows of L, attention within each window (Qwen2.5-VL)."""
         patches = x.shape[0]
         q, k, v = attn.qkv(x).reshape(patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                             attn_mask=mask, scale=attn.scaling)
-        return attn.proj(out.transpose(0, 1).reshape(patches, -1))
+        q, k, v = (t.reshape(patches, -1) for t in (q, k, v))
+        if windows is None:
+            out = common.attention(q[None], k[None], v[None], attn.num_heads, attn.scaling)[0]
+        else:
+            gather, scatter, mask = windows
+
+            def laid_out(t):  # [patches, width] → [W, L, width], padding rows zero
+                padded = torch.cat([t, torch.zeros_like(t[:1])])
+                return padded[gather].reshape(mask.shape[0], mask.shape[1], t.shape[-1])
+
+            out = common.attention(laid_out(q), laid_out(k), laid_out(v), attn.num_heads, attn.scaling, mask)
+            out = out.reshape(-1, out.shape[-1])[scatter]
+        return attn.proj(out)
 
 
-def vision_dummy_inputs(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Two images of different grids (4×6 and 2×8 patches), so no size is a constant of the trace."""
+def vision_dummy_inputs(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image of 4×6 patches; the graph takes any grid (nothing about the size is a constant of the trace)."""
     from ...runtime.families.qwen2vl import vision_positions
 
     vision = model.config.vision_config
     width = vision.in_chans * vision.temporal_patch_size * vision.patch_size ** 2
-    grids = [(1, 4, 6), (1, 2, 8)]
-    positions, segments = vision_positions(grids, vision.spatial_merge_size)
+    positions, _ = vision_positions([(1, 4, 6)], vision.spatial_merge_size)
     generator = torch.Generator().manual_seed(0)
-    pixel_values = torch.randn(len(segments), width, generator=generator)
-    return pixel_values, torch.from_numpy(positions), torch.from_numpy(segments)
+    return torch.randn(len(positions), width, generator=generator), torch.from_numpy(positions)
 
 
 def export_vision(model, path, opset: int) -> None:
-    """The vision encoder graph: pixel_values, position_ids, segment_ids → image_features."""
+    """The vision encoder graph: pixel_values, position_ids → image_features (one image a run)."""
     torch.onnx.export(
         VisionEncoder(model).eval(), vision_dummy_inputs(model), str(path),
-        input_names=["pixel_values", "position_ids", "segment_ids"], output_names=["image_features"],
-        dynamic_axes={"pixel_values": {0: "patches"}, "position_ids": {0: "patches"}, "segment_ids": {0: "patches"},
+        input_names=["pixel_values", "position_ids"], output_names=["image_features"],
+        dynamic_axes={"pixel_values": {0: "patches"}, "position_ids": {0: "patches"},
                       "image_features": {0: "image_tokens"}},
-        opset_version=opset, dynamo=False,
+        opset_version=opset, dynamo=False, custom_opsets={common.PLACEHOLDER_DOMAIN: 1},
     )
+    common.contrib_attention(path)
 
 
 # ----------------------------------------------------------------------------------- loading and package metadata
@@ -189,12 +194,23 @@ def reference_features(model, inputs) -> torch.Tensor:
     return torch.cat(list(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])))
 
 
+def _per_image(inputs):
+    """(pixel_values, grid) of each image in a processor batch."""
+    grids = inputs["image_grid_thw"].tolist()
+    start = 0
+    for t, h, w in grids:
+        yield inputs["pixel_values"][start:start + t * h * w].numpy(), (t, h, w)
+        start += t * h * w
+
+
 def package_features(engine, inputs):
+    import numpy as np
+
     from ...runtime.families.qwen2vl import vision_positions
 
-    positions, segments = vision_positions(inputs["image_grid_thw"].tolist())
-    return engine.run_vision({"pixel_values": inputs["pixel_values"].numpy(), "position_ids": positions,
-                              "segment_ids": segments})
+    return np.concatenate([engine.run_vision({"pixel_values": values,
+                                              "position_ids": vision_positions([grid])[0]})
+                           for values, grid in _per_image(inputs)])
 
 
 def positions(model, inputs) -> tuple:

@@ -3,11 +3,14 @@
 Its vision blocks attend within windows of `window_size` pixels (112: 4×4 merged tokens, 8×8 patches), except the
 `fullatt_block_indexes` blocks, which attend across the whole image. HF reorders the patches window by window
 inside the model (`get_window_index`, a Python loop over grid_thw); here the host does it, as for Qwen2-VL's
-positions, and the graph gets:
+positions, and the graph (one image a run) gets:
 
-    pixel_values [patches, 3·2·14·14] f32, position_ids [patches, 2] i64 and segment_ids [patches] i64 (image),
-    all in window order; window_ids [patches] i64 (which window); restore_index [patches / 4] i64 (the merged
-    tokens back in the processor's order)  →  image_features [patches / 4, text_hidden]
+    pixel_values [patches, 3·2·14·14] f32 and position_ids [patches, 2] i64 in window order;
+    window_gather [W·L] i64 (the patches laid out as W windows of L = 64 slots, `patches` = a zero padding row),
+    window_mask [W, L] i32 (1: a real patch), window_scatter [patches] i64 (each patch's slot), for the windowed
+    blocks' attention (W small blocks instead of one patches × patches mask);
+    restore_index [patches / 4] i64 (the merged tokens back in the processor's order)
+    →  image_features [patches / 4, text_hidden]
 """
 
 from __future__ import annotations
@@ -45,19 +48,26 @@ def window_index(grids: Sequence[Sequence[int]], merge_size: int = 2, window: in
     return np.concatenate(order).astype(np.int64), np.concatenate(windows).astype(np.int64)
 
 
-def vision_feed(pixel_values: np.ndarray, grids: Sequence[Sequence[int]], merge_size: int = 2, window: int = 4
+def vision_feed(pixel_values: np.ndarray, grid: Sequence[int], merge_size: int = 2, window: int = 4
                 ) -> dict[str, np.ndarray]:
-    """The vision graph's feed for `pixel_values` [patches, width] of images `grids`, in the processor's order."""
+    """The vision graph's feed for one image: `pixel_values` [patches, width] of grid `grid`, processor order."""
     unit = merge_size * merge_size
-    positions, segments = vision_positions(grids, merge_size)
-    order, window_of = window_index(grids, merge_size, window)
+    positions, _ = vision_positions([grid], merge_size)
+    order, window_of = window_index([grid], merge_size, window)
 
     def by_window(values: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(values.reshape(-1, unit, *values.shape[1:])[order].reshape(values.shape))
 
+    patches, slots = len(positions), window * window * unit
+    patch_window = np.repeat(window_of, unit)  # window order: each window's patches are contiguous
+    starts = np.concatenate([[0], np.cumsum(np.bincount(patch_window))[:-1]])
+    scatter = patch_window * slots + np.arange(patches) - starts[patch_window]
+    count = int(patch_window[-1]) + 1 if patches else 0
+    gather = np.full(count * slots, patches, np.int64)
+    gather[scatter] = np.arange(patches)
     return {"pixel_values": by_window(pixel_values), "position_ids": by_window(positions),
-            "segment_ids": by_window(segments), "window_ids": np.repeat(window_of, unit),
-            "restore_index": np.argsort(order).astype(np.int64)}
+            "window_gather": gather, "window_mask": (gather < patches).astype(np.int32).reshape(count, slots),
+            "window_scatter": scatter.astype(np.int64), "restore_index": np.argsort(order).astype(np.int64)}
 
 
 class Qwen25VLFamily(Qwen2VLFamily):
@@ -72,7 +82,7 @@ class Qwen25VLFamily(Qwen2VLFamily):
         from ..preprocess.qwen2vl import patchify
 
         values, grid = patchify(image, self.config)
-        yield vision_feed(values, [grid], self.config.merge_size, self.window)
+        yield vision_feed(values, grid, self.config.merge_size, self.window)
 
 
 def family(package) -> Qwen25VLFamily:

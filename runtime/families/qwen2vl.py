@@ -6,7 +6,8 @@
 - `rope_index`: the 3-D M-RoPE positions (temporal, height, width) of a prompt with images, and the offset its
   decode positions take after it (``Qwen2VLModel.get_rope_index`` in transformers 4.57, still images only);
 - `vision_positions`: the vision tower's per-patch inputs that HF derives from grid_thw inside the model (each
-  patch's row and column in the merger's 2×2 order, and which image it belongs to).
+  patch's row and column in the merger's 2×2 order, and which image it belongs to); the graph runs one image at a
+  time (attention within the image, as HF's per-image split), so it takes the positions only.
 
 `Qwen2VLFamily` puts them behind the family interface (families/__init__.py), with `positions` for the engine.
 """
@@ -135,8 +136,7 @@ class Qwen2VLFamily:
         from ..preprocess.qwen2vl import patchify
 
         values, grid = patchify(image, self.config)
-        position_ids, segment_ids = vision_positions([grid], self.config.merge_size)
-        yield {"pixel_values": values, "position_ids": position_ids, "segment_ids": segment_ids}
+        yield {"pixel_values": values, "position_ids": vision_positions([grid], self.config.merge_size)[0]}
 
     def positions(self, input_ids, plans) -> tuple[np.ndarray, int]:
         return rope_index(input_ids, [plan.layout for plan in plans], self.image_token_id, self.config.merge_size)
