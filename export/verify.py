@@ -146,9 +146,11 @@ def verify_package(model, processor, package: ModelPackage, *, greedy_tokens: in
         max(_max_diff(keys, ref_cache[i].keys), _max_diff(values, ref_cache[i].values))
         for i, (keys, values) in enumerate(map(kv.arrays, range(len(kv.keys))))), atol))
 
-    # End to end: the package's greedy loop against transformers.generate on the same processor outputs.
+    # End to end: the package's greedy loop against transformers.generate on the same processor outputs. Plain
+    # greedy: a checkpoint's generation_config may carry a repetition_penalty (Qwen2-VL's cards: 1.05), which the
+    # OpenAI API has no field for and edgevlm does not apply.
     generated = model.generate(**inputs, max_new_tokens=greedy_tokens, do_sample=False, eos_token_id=eos_ids,
-                               pad_token_id=package.tokens["pad_token_id"])
+                               pad_token_id=package.tokens["pad_token_id"], repetition_penalty=1.0)
     report.greedy_reference = generated[0, input_ids.shape[1]:].tolist()
     report.greedy_package = engine.greedy(input_ids.numpy(), features, greedy_tokens, tuple(eos_ids),
                                           positions=positions)
