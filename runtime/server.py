@@ -42,7 +42,6 @@ from edgevlm import __version__
 from . import api, memory, openapi, tools
 from .errors import Cancelled, EdgeVLMError, InvalidRequestError
 from .limits import ServerLimits
-from .sampling import SamplingParams
 from .vlm import EngineConfig, JobEnd, VisionLanguageModel
 from . import metrics as metrics_format
 
@@ -224,10 +223,6 @@ async def playground_asset(request: web.Request) -> web.FileResponse:
     return _playground_file(request.match_info["name"])
 
 
-def _fingerprint(model: VisionLanguageModel) -> str:
-    return f"fp_edgevlm{__version__}_{model.fingerprint}"
-
-
 def make_app(config: ServerConfig, *, loader: Callable[[], VisionLanguageModel] | None = None) -> web.Application:
     """The aiohttp application. `loader` builds the model (default: load `config.model_path`) on the worker."""
     app = web.Application(middlewares=[errors_middleware, _auth_middleware(config.api_key)],
@@ -246,7 +241,7 @@ def make_app(config: ServerConfig, *, loader: Callable[[], VisionLanguageModel] 
             try:
                 model = load()
                 model.warm_up()
-                state.fingerprint = _fingerprint(model)
+                state.fingerprint = api.system_fingerprint(model)
                 state.model = model
                 print(f"edgevlm: model {model.name} ready", flush=True)
                 app[WORKER].submit(lambda: model.grammars)  # next on the worker, before any request's work
@@ -358,22 +353,6 @@ class _Admission:
             state.idle.set()
 
 
-def _check_cost(params: SamplingParams, limits: ServerLimits, model: VisionLanguageModel) -> None:
-    """What one request may ask for under the server's limits, checked as soon as it is parsed (its prompt's size
-    is checked once known, by `Scheduler.plan`)."""
-    n, requested = params.n, params.max_tokens
-    if n > limits.max_n:
-        raise InvalidRequestError(f"Invalid 'n': {n} choices exceed this server's limit of {limits.max_n} "
-                                  "(edgevlm serve --max-n)", param="n")
-    total = limits.max_request_tokens or model.context_length
-    if n * (requested or 1) > total:
-        raise InvalidRequestError(
-            f"Invalid 'max_tokens': n × max_tokens = {n} × {requested or 1} = {n * (requested or 1)} completion "
-            f"tokens exceed this server's limit of {total} per request (edgevlm serve --max-request-tokens)",
-            param="max_tokens" if requested else "n")
-    model.check_choices(n)  # before any image is decoded
-
-
 async def _read_body(request: web.Request, limits: ServerLimits) -> bytes:
     try:
         return await asyncio.wait_for(request.read(), limits.read_timeout)
@@ -400,7 +379,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     with _Admission(state, limits, limits.max_body_bytes if declared is None else declared) as admission:
         body = api.parse_json(await _read_body(request, limits))
         chat = api.parse_chat_request(body, vocab_size=model.vocab_size, defaults=model.defaults.values)
-        _check_cost(chat.params, limits, model)
+        api.check_cost(chat.params, limits, model)
         return await _complete(request, model, chat, admission)
 
 
@@ -414,23 +393,12 @@ async def _complete(request: web.Request, model: VisionLanguageModel, chat: api.
     def cancelled() -> bool:
         return cancel.is_set() or state.stopping.is_set() or transport is None or transport.is_closing()
 
-    # With tools, the answer is the generic format's JSON (tools.py): the conversation describes the tools and the
-    # grammar follows their schemas; ToolAnswer turns the JSON back into OpenAI's message and deltas.
-    messages = tools.render_conversation(chat.tools, chat.messages) if chat.tools else chat.messages
-    schema = chat.tools.schema() if chat.tools else chat.schema
-
     def prepare():
         if cancelled():  # it waited behind others while its client left or the server began to stop
             raise _cut(state)
-        try:
-            if schema is not None:  # an unenforceable schema is a 400 before any image is decoded
-                model.grammars.compile(schema)
-            return model.prepare(messages, chat.params, max_request_tokens=config.limits.max_request_tokens,
-                                 cancelled=cancelled)
-        finally:
-            memory.release()  # a large image's pixels go back to the system, not just to malloc
+        return api.prepare(model, chat, config.limits, cancelled=cancelled)  # with tools: the generic format's
 
-    prompt = await loop.run_in_executor(worker, prepare)
+    prompt, schema = await loop.run_in_executor(worker, prepare)
     events: asyncio.Queue = asyncio.Queue()
 
     def emit(event) -> None:  # called on the engine's thread
@@ -471,9 +439,7 @@ class _Answer:
         self.name = chat.model or model.name
 
     def _logprob(self, step) -> dict:
-        token_text = self.model.token_text
-        return api.logprob_entry(token_text(step.token), step.sample.logprob,
-                                 [(token_text(t), v) for t, v in step.sample.top_logprobs[: self.chat.params.top_logprobs or 0]])
+        return api.step_logprob(step, self.model.token_text, self.chat.params.top_logprobs)
 
     def _usage(self, completion_tokens: int, end: JobEnd) -> dict:
         return api.usage(len(self.prompt.input_ids), completion_tokens, self.prompt.image_tokens, end.cached_tokens)
@@ -487,27 +453,13 @@ class _Answer:
                 steps.append(event)
         if error is not None:
             raise error
-        if len({s.choice for s in steps if s.finish_reason}) < chat.params.n:  # cut short: never sent as an answer
+        if api.unfinished(steps, chat.params.n):  # cut short: never sent as an answer
             self.admission.outcome = "cancelled"
             raise _cut(state)
         self.admission.outcome = "completed"
-        choices = []
-        for index in range(chat.params.n):
-            own = [s for s in steps if s.choice == index]
-            text, finish_reason = "".join(s.text for s in own), own[-1].finish_reason
-            message = {"role": "assistant", "content": text}
-            if chat.tools:
-                answer = tools.ToolAnswer()
-                answer.feed(text)
-                message, finish_reason = answer.message(), answer.finish_reason(finish_reason)
-            choice = {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": None}
-            if chat.params.logprobs:
-                choice["logprobs"] = {"content": [self._logprob(s) for s in own]}
-            choices.append(choice)
-        return web.json_response({
-            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.name,
-            "system_fingerprint": state.fingerprint, "choices": choices, "usage": self._usage(len(steps), event),
-        })
+        return web.json_response(api.completion(self.id, self.created, self.name, state.fingerprint,
+                                                api.choices(steps, chat, self.model.token_text),
+                                                self._usage(len(steps), event)))
 
     async def stream(self, events: asyncio.Queue) -> web.StreamResponse:
         request, chat, state = self.request, self.chat, self.state
