@@ -378,6 +378,39 @@ def _uri(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def test_quantized_packages_quantize_the_vision_tower_and_serve(tiny_qwen, tmp_path):
+    """--quant int4: the fp32 graphs verify against transformers, the vision tower's linear layers are really
+    int8 (its Gemms rewritten to MatMul first; attention stays the fused MultiHeadAttention), the decoder's
+    matmuls 4-bit, and the package answers an image question."""
+    import os
+
+    import onnx
+
+    from edgevlm.export.convert import Progress, export_package
+    from edgevlm.runtime.sampling import SamplingParams
+    from edgevlm.runtime.vlm import VisionLanguageModel
+
+    with open(os.devnull, "w") as quiet:
+        package, report = export_package(str(tiny_qwen), tmp_path / "int4", quant="int4", progress=Progress(quiet))
+    assert report.ok, "\n".join(report.lines())
+    vision = [n.op_type for n in onnx.load(str(package.graph_path("vision_encoder"))).graph.node]
+    blocks = len(hf_model(tiny_qwen).model.visual.blocks)
+    assert vision.count("MatMulInteger") >= 4 * blocks and "Gemm" not in vision  # qkv, proj, mlp per block
+    assert vision.count("MultiHeadAttention") == blocks
+    decoder = [n.op_type for n in onnx.load(str(package.graph_path("decoder"))).graph.node]
+    assert decoder.count("MatMulNBits") >= 3
+    vlm = VisionLanguageModel.load(package.path)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=5)
+        prompt = vlm.prepare([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": _uri(picture(300, 200, 61))}},
+            {"type": "text", "text": "What is it?"}]}], params)
+        steps = list(vlm.generate(prompt, params))
+    finally:
+        vlm.close()
+    assert prompt.image_tokens > 0 and len(steps) >= 1
+
+
 @pytest.mark.parametrize("form", ["fused", "portable"])
 def test_edgevlm_serve_answers_as_transformers(tiny_qwen, qwen_packages, form):
     """`edgevlm serve` on the package, through the openai client (streamed): for text, one image and two images of
