@@ -299,3 +299,10 @@ def test_close_cuts_a_stream_and_refuses_later_requests(no_eos):
     with pytest.raises(edgevlm.Cancelled, match="the model was closed"):
         model.ask("Hello")
     assert "closed" in repr(model)
+
+
+def test_the_example_runs(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "inprocess.py")], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1] == "A: A circle." and '{"shape":"circle","color":"red","count":1}' in out.stdout
