@@ -400,8 +400,8 @@ class Model:
              model: str | None = None) -> Completion | Stream:
         """Answer an OpenAI Chat Completions conversation: a `Completion`, or with `stream=True` a `Stream` of the
         answer's text deltas (one choice: n = 1). The parameters are the API's, with its defaults (left out, the
-        package's generation defaults apply, then OpenAI's); image_url parts may hold any image `ask` takes
-        instead of a data URI. Everything is checked, and the images decoded, before this returns: a bad request
+        package's generation defaults apply, then OpenAI's); an image_url part's url may be any image `ask`
+        takes (a `str` stays what the API reads, a data URI or base64: give a path as a `pathlib.Path`). Everything is checked, and the images decoded, before this returns: a bad request
         raises here, not while a stream is read."""
         body = {name: value for name, value in (
             ("messages", _with_image_urls(messages)), ("model", model), ("temperature", temperature),
