@@ -401,8 +401,9 @@ class Model:
         """Answer an OpenAI Chat Completions conversation: a `Completion`, or with `stream=True` a `Stream` of the
         answer's text deltas (one choice: n = 1). The parameters are the API's, with its defaults (left out, the
         package's generation defaults apply, then OpenAI's); an image_url part's url may be any image `ask`
-        takes (a `str` stays what the API reads, a data URI or base64: give a path as a `pathlib.Path`). Everything is checked, and the images decoded, before this returns: a bad request
-        raises here, not while a stream is read."""
+        takes (a `str` stays what the API reads, a data URI or base64: give a path as a `pathlib.Path`).
+        Everything is checked, and the images decoded, before this returns: a bad request raises here, not while
+        a stream is read."""
         body = {name: value for name, value in (
             ("messages", _with_image_urls(messages)), ("model", model), ("temperature", temperature),
             ("top_p", top_p), ("n", n), ("max_tokens", max_tokens),
