@@ -215,19 +215,12 @@ def _add_serve(subparsers) -> None:
     p.set_defaults(func=_run_serve)
 
 
-def _run_serve(args) -> int:
-    import asyncio
-
+def server_config(args, path: Path):
+    """The `ServerConfig` that `edgevlm serve`'s parsed flags describe (also what each replica of a Ray Serve
+    fleet runs, runtime/fleet.py)."""
     from .limits import EngineConfig, ImageLimits, ServerLimits
-    from .package import ModelPackage
-    from .server import ServerConfig, serve
+    from .server import ServerConfig
 
-    try:
-        path = _resolve_model(args.model)
-        ModelPackage.load(path, verify=False)  # a wrong path fails here, before the port opens
-    except PackageError as exc:
-        print(f"edgevlm serve: error: {exc.message}", file=sys.stderr)
-        return 2
     limits = ServerLimits(
         max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 1e6),
         max_pending_body_bytes=int(args.max_pending_body_mb * 1e6), read_timeout=args.read_timeout,
@@ -240,6 +233,22 @@ def _run_serve(args) -> int:
                           device=args.device, threads=args.threads, limits=limits,
                           engine=EngineConfig(max_batch=args.max_batch, kv_budget_bytes=int(args.kv_budget_mb * 1e6),
                                               image_cache_bytes=int(args.image_cache_mb * 1e6)))
+    return config
+
+
+def _run_serve(args) -> int:
+    import asyncio
+
+    from .package import ModelPackage
+    from .server import serve
+
+    try:
+        path = _resolve_model(args.model)
+        ModelPackage.load(path, verify=False)  # a wrong path fails here, before the port opens
+    except PackageError as exc:
+        print(f"edgevlm serve: error: {exc.message}", file=sys.stderr)
+        return 2
+    config = server_config(args, path)
     try:
         asyncio.run(serve(config))
     except OSError as exc:  # the port could not be bound: nothing was loaded, nothing said "ready"
