@@ -248,3 +248,38 @@ def test_affinity_keys():
     assert all(grown[k] in (owners[k], "r4") for k in keys)  # a new replica takes keys, moves no others
     shrunk = {k: owner_order(k, replicas[1:])[0] for k in keys}
     assert all(shrunk[k] == owners[k] for k in keys if owners[k] != "r0")  # only r0's keys move
+
+
+def test_a_client_that_goes_away_cancels_its_generation_on_the_replica(fleet, replica_ids):
+    """Closing the connection mid-stream reaches the replica's server through the proxy, the ingress and the relay:
+    it counts the request cancelled (and stops its generation at the next step, as `edgevlm serve` does); had any
+    hop kept reading, the server would have written the whole answer and counted it completed."""
+    import http.client
+    from urllib.parse import urlparse
+
+    from edgevlm.runtime.fleet import affinity_key, owner_order
+
+    # End-of-sequence tokens banned and no max_tokens: the answer runs to the end of the context (~500 tokens, with
+    # 20 logprobs each: ~1 s through the fleet, against ~0.03 s to the first token).
+    body = {"model": "demo-shapes", "stream": True, "temperature": 0, "logit_bias": {"2": -100, "42": -100},
+            "logprobs": True, "top_logprobs": 20, "messages": [{"role": "user", "content": "Hello, who are you?"}]}
+    owner = owner_order(affinity_key(body), replica_ids)[0]
+    before = json.loads(_get(fleet + "/health", owner)[2])
+    url = urlparse(fleet)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    started = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.headers["x-edgevlm-replica"] == owner
+    lines = 0
+    while lines < 3:  # the role chunk and two tokens
+        lines += response.readline().startswith(b"data: ")
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    for _ in range(100):
+        after = json.loads(_get(fleet + "/health", owner)[2])
+        if after["requests"] == 0 and after["admitted"] > before["admitted"]:
+            break
+        time.sleep(0.1)
+    assert after["cancelled"] == before["cancelled"] + 1 and after["completed"] == before["completed"], (
+        before, after, time.perf_counter() - started)
