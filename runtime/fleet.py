@@ -9,9 +9,11 @@ caches hold its image or its conversation.
     serve.run(build("models/demo-shapes", replicas=2, kv_budget_mb=500), name="edgevlm", route_prefix="/")
 
 The same routes as `edgevlm serve` (POST /v1/chat/completions, JSON and SSE, GET /v1/models, /health, /metrics,
-/openapi.json, the playground) on Serve's HTTP proxy (127.0.0.1:8000 unless Serve's http_options say otherwise).
+/openapi.json, the playground) on Serve's HTTP proxy (127.0.0.1:8000 unless Serve's http_options say otherwise),
+under the application's route prefix (the API works under any; the playground page, whose paths are absolute,
+only at "/").
 
-    HTTP proxy ─► FleetIngress (1+ light replicas, no CPU reserved) ─► handle, CacheAffinityRouter ─► EdgeVLMReplica × N
+    HTTP proxy ─► FleetIngress (light, no CPU) ─► handle with CacheAffinityRouter ─► EdgeVLMReplica × N
 
 - `EdgeVLMReplica` runs one engine: the unchanged aiohttp application of server.py (`make_app`), on a Unix socket
   inside the replica, and relays requests to it. So the fleet answers exactly as `edgevlm serve` does — parsing,
@@ -51,7 +53,9 @@ import tempfile
 from typing import Any
 
 # Never online (README "Never online"): a cluster that this process starts reports no usage statistics. A cluster
-# started elsewhere (`ray start`, KubeRay) needs the variable in its own environment.
+# started elsewhere (`ray start`, KubeRay) needs the variable in its own environment. (Ray 2.60's dashboard process
+# still probes the cloud metadata address 169.254.169.254 once at start, whatever the variable: README, "Scale-out
+# on Ray Serve".)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import aiohttp  # noqa: E402
@@ -247,13 +251,17 @@ class FleetIngress:
             return Response(status_code=499)
         if isinstance(body, Response):
             return body
+        # The path inside this application: Serve's route prefix (an app at /edgevlm) is the ASGI root_path.
+        path, root = request.scope["path"], request.scope.get("root_path", "").rstrip("/")
+        if root and path.startswith(root + "/"):
+            path = path[len(root):] or "/"
         key = None
-        if request.method == "POST" and request.url.path == CHAT_PATH:
+        if request.method == "POST" and path == CHAT_PATH:
             try:
                 key = affinity_key(json.loads(body))
             except (ValueError, RecursionError):  # not JSON: the replica answers the 400
                 pass
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        target = path + (f"?{request.url.query}" if request.url.query else "")
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS]
         stream = self.engine.options(stream=True).forward.remote(
             request.method, target, headers, body, affinity=key, replica=request.headers.get(REPLICA_HEADER))

@@ -67,9 +67,11 @@ def fleet():
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build(PACKAGE, replicas=REPLICAS, num_cpus=1, kv_budget_mb=100), name="edgevlm", route_prefix="/")
+        # Under a route prefix, as a cluster shared with other applications would put it (the ingress strips it).
+        serve.run(build(PACKAGE, replicas=REPLICAS, num_cpus=1, kv_budget_mb=100), name="edgevlm",
+                  route_prefix="/edgevlm")
         times["deploy"] = time.perf_counter() - start - times["ray.init"]
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}/edgevlm"
     finally:
         stop = time.perf_counter()
         try:
@@ -268,7 +270,7 @@ def test_a_client_that_goes_away_cancels_its_generation_on_the_replica(fleet, re
     url = urlparse(fleet)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
     started = time.perf_counter()
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    conn.request("POST", url.path + "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
     response = conn.getresponse()
     assert response.status == 200 and response.headers["x-edgevlm-replica"] == owner
     lines = 0
