@@ -204,9 +204,16 @@ class Engine:
 
         def session(graph: str) -> ort.InferenceSession:
             try:
-                return ort.InferenceSession(str(package.graph_path(graph)), options, providers=providers)
+                made = ort.InferenceSession(str(package.graph_path(graph)), options, providers=providers)
             except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
                 raise PackageError(f"model package {package.path}: cannot load the {graph} graph: {exc}") from None
+            # onnxruntime falls back to the CPU when the CUDA provider fails to start (driver, CUDA or cuDNN
+            # mismatch), with a warning below our log level: a GPU server silently on the CPU is an error here.
+            if providers[0] != "CPUExecutionProvider" and made.get_providers()[0] != providers[0]:
+                raise PackageError(f"model package {package.path}: the {graph} graph did not start on "
+                                   f"{providers[0]} (onnxruntime fell back to {made.get_providers()[0]}): check "
+                                   "that the CUDA and cuDNN versions match this onnxruntime-gpu build")
+            return made
 
         decoder = package.graph("decoder")
         self._kv_dtype = np.dtype(decoder.get("kv_dtype", "float32"))

@@ -109,3 +109,15 @@ def test_fused_float32_decoder_is_refused_on_cuda_with_a_clear_error(tiny_packag
     monkeypatch.setattr(engine_module, "_providers", lambda device: ["CPUExecutionProvider"])
     with pytest.raises(PackageError, match=r"fused float32 decoder is built for CPUs.*--quant fp16"):
         engine_module.Engine(ModelPackage.load(tiny_package), device="cuda")
+
+
+def test_a_gpu_engine_that_onnxruntime_puts_on_the_cpu_is_an_error(tiny_package_portable, monkeypatch):
+    """Asked for CUDA, onnxruntime starts a session on the CPU when the CUDA provider cannot start (here: this CPU
+    build has none, and the engine's own availability check is bypassed); the engine refuses to run that way
+    rather than serve a GPU deployment at CPU speed with only a hidden warning."""
+    from edgevlm.runtime import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_providers", lambda device: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(PackageError, match=r"did not start on CUDAExecutionProvider \(onnxruntime fell back to "
+                                           r"CPUExecutionProvider\)"):
+        engine_module.Engine(ModelPackage.load(tiny_package_portable), device="cuda")
