@@ -163,3 +163,31 @@ def test_fused_decoder_matches_the_portable_graph(tiny_package, tiny_package_por
     for layer in range(fused.num_layers):
         for a, b in zip(fused_cache.arrays(layer), portable_cache.arrays(layer)):
             assert a.shape == b.shape and np.abs(a - b).max() <= 1e-4
+
+
+@torch.no_grad()
+def test_vision_attention_is_fused_for_whole_tiles_and_padded_views(tiny_package, hf_model, hf_processor):
+    """The vision graph's attention is onnxruntime's MultiHeadAttention behind an If: flash attention when every
+    patch is real (what the processor gives: each tile and the global view are whole), the masked kernel when a
+    view is padded (here: a tile whose right half is padding, as a batch of unequal images pads); each run's
+    features equal HF's within 1e-4 on both branches."""
+    import onnx
+
+    package = ModelPackage.load(tiny_package)
+    graph = onnx.load(str(package.graph_path("vision_encoder"))).graph
+    ifs = [node for node in graph.node if node.op_type == "If"]
+    assert len(ifs) == hf_model.config.vision_config.num_hidden_layers
+    assert not any(node.op_type == "Softmax" for node in graph.node)
+    engine = Engine(package)
+    inputs = _inputs(hf_processor, "one-image")
+    tile = inputs["pixel_values"].numpy()[:, :1]
+    whole = inputs["pixel_attention_mask"].numpy().astype(bool)[:, :1]
+    assert whole.all()
+    half = whole.copy()
+    half[..., half.shape[-1] // 2:] = False
+    padded_tile = np.where(half[:, :, None], tile, 0.0).astype(np.float32)
+    for values, mask in ((tile, whole), (padded_tile, half)):
+        ours = engine.encode_images(values, mask)
+        reference = hf_model.model.get_image_features(torch.from_numpy(values), torch.from_numpy(mask))
+        assert np.abs(ours - reference.numpy()).max() <= 1e-4, f"padded: {not mask.all()}"
+    assert np.abs(engine.encode_images(padded_tile, half) - engine.encode_images(padded_tile, whole)).max() > 1e-3

@@ -26,7 +26,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from transformers.modeling_attn_mask_utils import _prepare_4d_attention_mask
 
 from . import common
 
@@ -77,10 +76,19 @@ class VisionEncoder(nn.Module):
         patch_mask = pixel_attention_mask.to(torch.int32).reshape(n, h, p, w, p).sum(dim=(2, 4)) > 0
 
         hidden = self._embeddings(pixel_values, patch_mask)
-        attention_mask = _prepare_4d_attention_mask(patch_mask.reshape(n, h * w), hidden.dtype)
-        hidden = self.vision_model.encoder(inputs_embeds=hidden, attention_mask=attention_mask).last_hidden_state
+        key_mask = patch_mask.reshape(n, h * w)
+        for layer in self.vision_model.encoder.layers:  # HF's Idefics3EncoderLayer, its attention fused
+            hidden = hidden + self._attention(layer.self_attn, layer.layer_norm1(hidden), key_mask)
+            hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
         hidden = self.vision_model.post_layernorm(hidden)
         return self.connector.modality_projection(self._pixel_shuffle(hidden, h, w))
+
+    @staticmethod
+    def _attention(attn, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """onnxruntime's MultiHeadAttention in the graph (flash attention when no patch is padding: every tile of
+        a split image; the masked kernel for a padded view)."""
+        out = common.attention(attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), attn.num_heads, attn.scale, key_mask)
+        return attn.out_proj(out)
 
     def _embeddings(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
         emb = self.vision_model.embeddings
@@ -134,8 +142,9 @@ def export_vision(model, path, opset: int) -> None:
             "pixel_attention_mask": {0: "batch_size", 1: "num_images", 2: "height", 3: "width"},
             "image_features": {0: "num_real_images", 1: "image_sequence_length"},
         },
-        opset_version=opset, dynamo=False,
+        opset_version=opset, dynamo=False, custom_opsets={common.PLACEHOLDER_DOMAIN: 1},
     )
+    common.contrib_attention(path)
 
 
 def chat_inputs(processor, images, question: str, *, single_view: bool | None = None) -> dict:
