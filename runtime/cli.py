@@ -179,6 +179,10 @@ def _add_serve(subparsers) -> None:
                    help="require 'Authorization: Bearer KEY' (default: $EDGEVLM_API_KEY; none = open)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=_positive(int), help="CPU threads for inference (default: all cores)")
+    p.add_argument("--verify-package", choices=["auto", "always"], default="auto",
+                   help="auto (default): sha256 of each package file, except files the verification record "
+                        "holds unchanged since they last matched (same size, mtime, ctime, inode); always: the "
+                        "sha256 of every file at every start (also EDGEVLM_VERIFY_PACKAGE=always)")
     limits = p.add_argument_group("limits", "what one client can make the server hold (README: Limits)")
     for flag, kind, default, text in (
         ("--max-queue", int, config.max_queue, "requests running or waiting before 429"),
@@ -215,32 +219,75 @@ def _add_serve(subparsers) -> None:
     p.set_defaults(func=_run_serve)
 
 
+def _image_limits(args):
+    from .limits import ImageLimits
+
+    return ImageLimits(max_images=args.max_images, max_bytes=int(args.max_image_mb * 1e6),
+                       max_pixels=int(args.max_image_mp * 1e6),
+                       max_request_pixels=int(args.max_request_image_mp * 1e6))
+
+
+def _engine_config(args):
+    from .limits import EngineConfig
+
+    return EngineConfig(max_batch=args.max_batch, kv_budget_bytes=int(args.kv_budget_mb * 1e6),
+                        image_cache_bytes=int(args.image_cache_mb * 1e6))
+
+
 def server_config(args, path: Path):
     """The `ServerConfig` that `edgevlm serve`'s parsed flags describe (also what each replica of a Ray Serve
     fleet runs, runtime/fleet.py)."""
-    from .limits import EngineConfig, ImageLimits, ServerLimits
+    from .limits import ServerLimits
     from .server import ServerConfig
 
     limits = ServerLimits(
         max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 1e6),
         max_pending_body_bytes=int(args.max_pending_body_mb * 1e6), read_timeout=args.read_timeout,
         write_timeout=args.write_timeout, shutdown_timeout=args.shutdown_timeout, max_n=args.max_n,
-        max_request_tokens=args.max_request_tokens,
-        images=ImageLimits(max_images=args.max_images, max_bytes=int(args.max_image_mb * 1e6),
-                           max_pixels=int(args.max_image_mp * 1e6),
-                           max_request_pixels=int(args.max_request_image_mp * 1e6)))
+        max_request_tokens=args.max_request_tokens, images=_image_limits(args))
     config = ServerConfig(model_path=path, host=args.host, port=args.port, api_key=args.api_key or None,
                           device=args.device, threads=args.threads, limits=limits,
-                          engine=EngineConfig(max_batch=args.max_batch, kv_budget_bytes=int(args.kv_budget_mb * 1e6),
-                                              image_cache_bytes=int(args.image_cache_mb * 1e6)))
+                          verify=getattr(args, "verify_package", "auto"), engine=_engine_config(args))
     return config
+
+
+def _preload(args, path: Path):
+    """Start loading the model on a thread now, while the main thread imports the server (aiohttp, the API
+    layer): onnxruntime builds its sessions and hashlib hashes without the GIL, so ~0.3-0.4 s of imports overlap
+    them. → a loader for `serve`: it waits for this load and returns the model or raises its error. Nothing
+    says "ready" before the server has its port and this load (verification included) succeeded."""
+    import threading
+
+    done: dict = {}
+
+    def run() -> None:
+        try:
+            from . import memory
+            from .vlm import VisionLanguageModel
+
+            memory.configure()  # before the load allocates (serve() calls it again: the same setting)
+            done["model"] = VisionLanguageModel.load(
+                path, verify=getattr(args, "verify_package", "auto"), device=args.device, threads=args.threads,
+                image_limits=_image_limits(args), engine_config=_engine_config(args), defer_vision=True)
+        except BaseException as exc:
+            done["error"] = exc
+
+    thread = threading.Thread(target=run, name="edgevlm-load", daemon=True)
+    thread.start()
+
+    def loader():
+        thread.join()
+        if "error" in done:
+            raise done.pop("error")
+        return done.pop("model")
+
+    return loader
 
 
 def _run_serve(args) -> int:
     import asyncio
 
     from .package import ModelPackage
-    from .server import serve
 
     try:
         path = _resolve_model(args.model)
@@ -248,9 +295,12 @@ def _run_serve(args) -> int:
     except PackageError as exc:
         print(f"edgevlm serve: error: {exc.message}", file=sys.stderr)
         return 2
+    loader = _preload(args, path)
+    from .server import serve
+
     config = server_config(args, path)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, loader=loader))
     except OSError as exc:  # the port could not be bound: nothing was loaded, nothing said "ready"
         reason = os.strerror(exc.errno) if exc.errno else exc
         print(f"edgevlm serve: error: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)

@@ -9,6 +9,7 @@ last one for a fused decoder) plus the grown cache.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -185,7 +186,12 @@ def _providers(device: str) -> list[str]:
 
 
 class Engine:
-    def __init__(self, package: ModelPackage, *, device: str = "cpu", threads: int | None = None):
+    def __init__(self, package: ModelPackage, *, device: str = "cpu", threads: int | None = None,
+                 defer_vision: bool = False, opening: threading.Event | None = None):
+        """`defer_vision` (CPU only): the vision encoder's session (~0.4 s of a 0.75 s SmolVLM-256M start) is made
+        on first use or by `open_vision` (the server calls it on a thread right after it reports ready); a request
+        with images that comes first waits for it, and an error making it is that request's error. `opening` is set
+        as onnxruntime starts the first session (it runs without the GIL from then on: other threads can work)."""
         self.package = package
         options = ort.SessionOptions()
         self.threads = threads or physical_cores()
@@ -203,6 +209,8 @@ class Engine:
         self._ort_device = "cuda" if device == "cuda" else "cpu"
 
         def session(graph: str) -> ort.InferenceSession:
+            if opening is not None:
+                opening.set()
             try:
                 made = ort.InferenceSession(str(package.graph_path(graph)), options, providers=providers)
             except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
@@ -232,7 +240,11 @@ class Engine:
         self._shrink_arena = ort.RunOptions()
         self._shrink_arena.add_run_config_entry("memory.enable_memory_arena_shrinkage",
                                                 "cpu:0" if device == "cpu" else "cpu:0;gpu:0")
-        self.vision = session("vision_encoder")
+        self._session = session
+        self._vision: ort.InferenceSession | None = None
+        self._vision_lock = threading.Lock()
+        if not (defer_vision and device == "cpu"):  # on CUDA the provider check of every graph stays at load
+            self.open_vision()
         self.embed_tokens = session("embed_tokens")
         self.decoder = session("decoder")
         text = package.text
@@ -252,6 +264,19 @@ class Engine:
             self._mrope_section = list(decoder["mrope_section"])
         # Keys and values of every layer for one position of one sequence: what a request's KV cache costs.
         self.kv_bytes_per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * self._kv_dtype.itemsize
+
+    @property
+    def vision(self) -> ort.InferenceSession:
+        """The vision encoder's session, made now if it was deferred (waiting for `open_vision` if it is under
+        way on another thread)."""
+        return self._vision or self.open_vision()
+
+    def open_vision(self) -> ort.InferenceSession:
+        """Make the vision encoder's session if it is not made yet; PackageError when onnxruntime cannot."""
+        with self._vision_lock:
+            if self._vision is None:
+                self._vision = self._session("vision_encoder")
+            return self._vision
 
     def rope_feeds(self, positions: np.ndarray, *, three_d: bool = False) -> dict[str, np.ndarray]:
         """The rotary inputs of an M-RoPE decoder: `positions` [B, S] (1-D positions: text, decode steps), or with

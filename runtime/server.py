@@ -56,6 +56,7 @@ class ServerConfig:
     threads: int | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    verify: str = "auto"  # package verification (ModelPackage.verify): "auto" or "always"
 
 
 @dataclass
@@ -230,9 +231,10 @@ def make_app(config: ServerConfig, *, loader: Callable[[], VisionLanguageModel] 
     app[CONFIG] = config
     app[STATE] = ServerState(created=api.now())
     app[WORKER] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgevlm-prepare")
-    load = loader or (lambda: VisionLanguageModel.load(config.model_path, device=config.device,
-                                                       threads=config.threads, image_limits=config.limits.images,
-                                                       engine_config=config.engine))
+    load = loader or (lambda: VisionLanguageModel.load(config.model_path, verify=config.verify,
+                                                       device=config.device, threads=config.threads,
+                                                       image_limits=config.limits.images,
+                                                       engine_config=config.engine, defer_vision=True))
 
     async def start_loading(app: web.Application) -> None:
         state = app[STATE]
@@ -244,6 +246,7 @@ def make_app(config: ServerConfig, *, loader: Callable[[], VisionLanguageModel] 
                 state.fingerprint = api.system_fingerprint(model)
                 state.model = model
                 print(f"edgevlm: model {model.name} ready", flush=True)
+                _open_vision(model)
                 app[WORKER].submit(lambda: model.grammars)  # next on the worker, before any request's work
             except EdgeVLMError as exc:
                 state.load_error = exc.message
@@ -272,6 +275,22 @@ def make_app(config: ServerConfig, *, loader: Callable[[], VisionLanguageModel] 
     app.router.add_get("/", playground)
     app.router.add_get(r"/playground/{name:[A-Za-z0-9_-][A-Za-z0-9_.-]*}", playground_asset)
     return app
+
+
+def _open_vision(model: VisionLanguageModel) -> None:
+    """Make the vision encoder's session on a thread, after ready (a deferred one: `Engine(defer_vision=True)`;
+    0.4 s of a SmolVLM-256M start): a request with images that comes first waits for it on the engine's thread."""
+    engine = getattr(model, "engine", None)
+    if engine is None or not hasattr(engine, "open_vision"):
+        return
+
+    def run() -> None:
+        try:
+            engine.open_vision()
+        except EdgeVLMError as exc:  # each request with images gets this error too
+            print(f"edgevlm: error: {exc.message}", file=sys.stderr, flush=True)
+
+    threading.Thread(target=run, name="edgevlm-vision", daemon=True).start()
 
 
 async def health(request: web.Request) -> web.Response:
@@ -559,7 +578,7 @@ async def drain(app: web.Application, timeout: float) -> None:
         pass
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(config: ServerConfig, *, loader: Callable[[], VisionLanguageModel] | None = None) -> None:
     """Run until SIGINT/SIGTERM; print the address once listening and a line when the model is ready.
 
     The port is bound before the model starts loading, so a bind failure (OSError) is raised before anything is
@@ -569,7 +588,7 @@ async def serve(config: ServerConfig) -> None:
     memory.configure()
     host, port = sock.getsockname()[:2]
     print(f"edgevlm: listening on http://{host}:{port} (loading {config.model_path})", flush=True)
-    app = make_app(config)
+    app = make_app(config, loader=loader)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
     await web.SockSite(runner, sock).start()

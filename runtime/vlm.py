@@ -9,6 +9,7 @@ Prompt + sampling ─► submit ─► the engine's thread (scheduler.py: vision
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import queue
 import threading
@@ -37,20 +38,41 @@ __all__ = ["EngineConfig", "JobEnd", "Prompt", "Step", "VisionLanguageModel"]
 
 class VisionLanguageModel:
     def __init__(self, package: ModelPackage, *, device: str = "cpu", threads: int | None = None,
-                 image_limits: ImageLimits = ImageLimits(), engine_config: EngineConfig = EngineConfig()):
+                 image_limits: ImageLimits = ImageLimits(), engine_config: EngineConfig = EngineConfig(),
+                 defer_vision: bool = False):
         self.package = package
-        self.tokenizer = Tokenizer.from_file(str(package.tokenizer_path))
+        # onnxruntime builds the sessions on a thread, without the GIL, while this one reads the tokenizer (which
+        # holds the GIL: it starts once the first session is under way, or it would keep that thread from starting).
+        opening = threading.Event()
+        built: dict = {}
+
+        def build() -> None:
+            try:
+                built["engine"] = Engine(package, device=device, threads=threads, defer_vision=defer_vision,
+                                         opening=opening)
+            except BaseException as exc:
+                built["error"] = exc
+            finally:
+                opening.set()
+
+        builder = threading.Thread(target=build, name="edgevlm-sessions", daemon=True)
+        builder.start()
+        opening.wait()
+        try:
+            self.tokenizer = Tokenizer.from_file(str(package.tokenizer_path))
+        finally:
+            builder.join()
+        if "error" in built:
+            raise built.pop("error")
+        self.engine = built.pop("engine")
         tokens = package.tokens
         self.eos_token_ids = tuple(tokens["eos_token_ids"])
         self._grammars: Grammars | str | None = None  # built on first use; a str says why it cannot be
         self._grammars_lock = threading.Lock()
-        self.engine = Engine(package, device=device, threads=threads)
         self.template = ChatTemplate(package.chat_template, tokens.get("special_tokens"))
         self.family = load_family(package)  # images → prompt tokens and vision inputs (families/)
         self.image_limits = image_limits
         self.engine_config = engine_config
-        # The most characters one token stands for (81 for SmolVLM's: a newline and 80 spaces), for `_check_length`.
-        self.max_token_chars = max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
         self.metrics = Metrics()
         self.image_cache = FeatureCache(engine_config.image_cache_bytes)
         self.defaults = SamplingDefaults(package.generation_defaults)
@@ -58,6 +80,12 @@ class VisionLanguageModel:
             self.engine, self.tokenizer, self.eos_token_ids, max_batch=engine_config.max_batch,
             kv_budget_bytes=engine_config.kv_budget_bytes, image_cache=self.image_cache,
             vision_inputs=lambda image: self.family.vision_inputs(image.image, image.plan), metrics=self.metrics, default_max_tokens=self.defaults.max_tokens)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (81 for SmolVLM's: a newline and 80 spaces), for
+        `_check_length`; on first use (40 ms over a 49k vocabulary: not at load)."""
+        return max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
 
     @property
     def grammars(self) -> Grammars:
@@ -76,8 +104,24 @@ class VisionLanguageModel:
             return self._grammars
 
     @classmethod
-    def load(cls, path: str | Path, **kwargs) -> "VisionLanguageModel":
-        return cls(ModelPackage.load(path), **kwargs)
+    def load(cls, path: str | Path, *, verify: str = "auto", **kwargs) -> "VisionLanguageModel":
+        """Load the package at `path`. Its files are verified (`ModelPackage.verify`: "auto" hashes only files the
+        verification record does not hold unchanged, "always" every file) on a thread beside the onnxruntime
+        sessions and the tokenizer; this returns only once verification passed, and a mismatch raises its
+        PackageError (before any error the unverified files made onnxruntime raise)."""
+        package = ModelPackage.load(path, verify=False)
+        verification = package.start_verify(verify)
+        try:
+            model = cls(package, **kwargs)
+        except BaseException:
+            verification.result()  # a corrupted file is reported as such, not as the graph error it caused
+            raise
+        try:
+            verification.result()
+        except BaseException:
+            model.close()
+            raise
+        return model
 
     @property
     def name(self) -> str:
