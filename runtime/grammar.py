@@ -23,14 +23,15 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import llguidance
-import llguidance.numpy as llg_numpy
 import numpy as np
 from tokenizers import Tokenizer
 
 from .errors import EdgeVLMError, InvalidRequestError
+
+if TYPE_CHECKING:
+    import llguidance
 
 CACHE_SIZE = 64  # compiled grammars kept per model; one costs ~1 ms to build and a few hundred kB
 # Applied after the schema's own options (defaults → schema["x-guidance"] → overrides), so these always hold.
@@ -92,6 +93,9 @@ class GrammarState:
     def __init__(self, grammar: Grammar, matcher: llguidance.LLMatcher):
         self.grammar = grammar
         self._matcher = matcher
+        import llguidance.numpy as llg_numpy
+
+        self._llg_numpy = llg_numpy
         self._bitmask = llg_numpy.allocate_token_bitmask(1, grammar.vocab_size)
 
     def clone(self) -> GrammarState:
@@ -109,7 +113,7 @@ class GrammarState:
         """
         if logits.ndim != 1:
             raise ValueError(f"expected a 1-D logits vector, got shape {logits.shape}")
-        llg_numpy.fill_next_token_bitmask(self._matcher, self._bitmask)
+        self._llg_numpy.fill_next_token_bitmask(self._matcher, self._bitmask)
         self._check()
         vocab = min(self.grammar.vocab_size, logits.shape[-1])
         # One bit per token, bit b of int32 word w is token 32w+b: on a little-endian host that is the bytes'
@@ -144,6 +148,11 @@ class Grammars:
     """
 
     def __init__(self, tokenizer: Tokenizer, eos_token_ids: Sequence[int], *, cache_size: int = CACHE_SIZE):
+        # llguidance is imported here, not with the module: the server builds this after it reports ready, and
+        # its import is ~40 ms of a start.
+        import llguidance
+
+        self._llguidance = llguidance
         # A copy without padding or truncation: llguidance re-tokenizes text with it (as its own hf.py does).
         plain = Tokenizer.from_str(tokenizer.to_str())
         plain.no_padding()
@@ -177,13 +186,13 @@ class Grammars:
     def _build(self, key: str, schema: dict) -> Grammar:
         self.compiles += 1
         try:
-            source = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+            source = self._llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
         except ValueError as exc:
             raise _invalid(f"the JSON schema cannot be used: {exc}") from None
         # Building the matcher validates the schema against the tokenizer (the same checks as
         # validate_grammar_with_warnings, without building it twice); errors name the keyword
         # ('Unimplemented keys: ["if", "then"]'). log_level 0: errors are reported here, not on stderr.
-        matcher = llguidance.LLMatcher(self.tokenizer, source, log_level=0)
+        matcher = self._llguidance.LLMatcher(self.tokenizer, source, log_level=0)
         if matcher.is_error():
             raise _invalid(f"the JSON schema cannot be enforced: {matcher.get_error()}")
         warnings = matcher.get_grammar_warnings()
