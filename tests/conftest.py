@@ -14,6 +14,12 @@ import pytest
 # Never reach for the Hugging Face hub from the test suite, whatever the machine's network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Package verification records (runtime/package.py) go to a folder of this test session, not the user's cache;
+# servers started by the tests inherit it.
+if "EDGEVLM_VERIFY_RECORD" not in os.environ:
+    import tempfile
+
+    os.environ["EDGEVLM_VERIFY_RECORD"] = str(Path(tempfile.mkdtemp(prefix="edgevlm-tests-")) / "verified.json")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SMOLVLM_CARD = FIXTURES / "smolvlm-256m-instruct"
