@@ -72,11 +72,27 @@ def run_package(path: Path, prompts) -> list[dict]:
     out = []
     for kind, messages in prompts:
         prompt = vlm.prepare(messages)
-        logits = position_logits(vlm.engine, np.asarray(prompt.input_ids), prompt.image_features, POSITIONS)
-        greedy = vlm.engine.greedy(np.asarray(prompt.input_ids), prompt.image_features, GREEDY_TOKENS,
-                                   vlm.eos_token_ids)
+        features = _image_features(vlm, prompt)
+        logits = position_logits(vlm.engine, np.asarray(prompt.input_ids), features, POSITIONS)
+        greedy = vlm.engine.greedy(np.asarray(prompt.input_ids), features, GREEDY_TOKENS, vlm.eos_token_ids)
         out.append({"kind": kind, "logits": logits.astype(np.float64), "greedy": greedy})
     return out
+
+
+def _image_features(vlm, prompt) -> np.ndarray | None:
+    """The prompt's image features [tokens, hidden] in prompt order (the scheduler's vision runs), or None."""
+    if not prompt.images:
+        return None
+    rows = []
+    for image in prompt.images:
+        if image.features is not None:
+            rows.append(image.features.reshape(-1, image.features.shape[-1]))
+            continue
+        feeds = list(vlm.scheduler.vision_inputs(image))
+        for i, feed in enumerate(feeds):
+            features = vlm.engine.run_vision(feed, last=i == len(feeds) - 1)
+            rows.append(features.reshape(-1, features.shape[-1]))
+    return np.concatenate(rows)
 
 
 def compare(reference: list[dict], candidate: list[dict], kind: str | None) -> dict:
