@@ -22,6 +22,12 @@ Modes (`quantize_graph(src, dst, mode, graph=...)`):
   kernel) through onnxruntime's `MatMulNBitsQuantizer`; the decoder's output projection (lm_head) is 8-bit
   (`int4_output_bits`). In the ``embed_tokens`` graph the table becomes a 4-bit `GatherBlockQuantized` (block 32,
   symmetric; the graph's opset becomes 21 for the int4 tensor type).
+  Measured on SmolLM2-135M's real text weights (benchmarks/QUALITY.md, "int4 plans"): text top-1 agreement with
+  fp32 58%, KL 0.51. Options that measured better: `int4_8bit_nodes=("*/down_proj/*",)` (down_proj 8-bit: 69.5%,
+  KL 0.21, +13 MB, same decode speed); `int4_algorithm="hqq"` (float zero points: 97.7% at block 32 only because
+  that checkpoint's weights lie on a Q4_1 block-32 grid HQQ reproduces; 67% at block 64; ~13x slower decode, since
+  float zero points take MatMulNBits off its int8 kernels). accuracy_level 0 (float activations) did not help
+  (55.7%) and decodes ~7x slower; block 16 59.5%; asymmetric 61%; a 4-bit embedding table costs 8 points.
 - ``fp16``: float16 weights and compute (`onnxruntime.transformers.float16`), float32 kept at the graph boundary
   (pixel_values, image_features, inputs_embeds, logits), and float32 kept for RMSNorm's mean of squares (x²
   overflows float16 past |x| = 256) and for position/mask/index arithmetic (rotary angles, attention masks,
@@ -87,7 +93,12 @@ class QuantOptions:
     block_size: int = 32
     symmetric: bool = True
     accuracy_level: int | None = 4  # 4: int8 activations inside the kernel; None/0: float (8-bit: ~10x slower)
+    # int4 decoder weights: "rtn" (round to nearest on MatMulNBits' grid: uint4 zero points when asymmetric) or
+    # "hqq" (onnxruntime's HQQ: asymmetric, float zero points fitted per block; float activations in the kernel)
+    int4_algorithm: str = "rtn"
     int4_output_bits: int = 8  # bits for the decoder's output projection (lm_head) in int4 mode: 4 or 8
+    # int4 mode: MatMul nodes (fnmatch patterns on the node name) quantized to 8 bits instead of 4
+    int4_8bit_nodes: tuple[str, ...] = ()
     # embedding tables (Gather on a constant table) in the embed_tokens graph, int4 mode
     embed_int4_block_size: int = 32
     # fp16
@@ -219,6 +230,8 @@ def quantize_graph(src: str | Path, dst: str | Path, mode: str, *, graph: str | 
     if mode not in MODES:
         raise QuantizationError(f"unknown quantization mode {mode!r} (choose one of: {', '.join(MODES)})")
     options = options or QuantOptions()
+    if options.int4_algorithm not in ("rtn", "hqq"):
+        raise QuantizationError(f"int4_algorithm must be 'rtn' or 'hqq', not {options.int4_algorithm!r}")
     if options.int8_method not in (None, "matmulnbits", "dynamic"):
         raise QuantizationError(f"int8_method must be 'matmulnbits' or 'dynamic', not {options.int8_method!r}")
     src, dst = Path(src), Path(dst)
@@ -622,6 +635,11 @@ def _nbits_quantizer(model, *, bits: int, options: QuantOptions, exclude=(), op_
     params = inspect.signature(MatMulNBitsQuantizer.__init__).parameters
     if options.accuracy_level and "accuracy_level" in params:
         kwargs["accuracy_level"] = options.accuracy_level
+    if bits == 4 and options.int4_algorithm == "hqq" and "Gather" not in op_types:
+        from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
+
+        kwargs["algo_config"] = HQQWeightOnlyQuantConfig(block_size=block_size, bits=4,
+                                                         op_types_to_quantize=tuple(op_types))
     quantizer = MatMulNBitsQuantizer(model, **kwargs)
     # Its warnings say it raises the opset to 21 / IR 10 for int4 tensors (GatherBlockQuantized), which is what we
     # want; numpy warns about all-zero blocks (e.g. the padding row), which it maps to 0 correctly.
@@ -633,7 +651,14 @@ def _nbits_quantizer(model, *, bits: int, options: QuantOptions, exclude=(), op_
             quantizer.process()
     finally:
         nbits_logger.setLevel(level)
-    return quantizer.model.model
+    model = quantizer.model.model
+    if "algo_config" in kwargs and options.accuracy_level:  # HQQ's nodes carry no accuracy_level of their own
+        from onnx import helper
+
+        for node in model.graph.node:
+            if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+                node.attribute.append(helper.make_attribute("accuracy_level", options.accuracy_level))
+    return model
 
 
 def _to_nbits(model, graph: str, bits: int, options: QuantOptions, report: QuantReport):
@@ -643,17 +668,26 @@ def _to_nbits(model, graph: str, bits: int, options: QuantOptions, report: Quant
     before = Counter(n.op_type for n in model.graph.node)
     head = _output_projection(model) if bits == 4 and options.int4_output_bits != 4 else None
     special = [head] if head else []
-    model = _nbits_quantizer(model, bits=bits, options=options, exclude=special)
-    if special:
-        model = _nbits_quantizer(model, bits=options.int4_output_bits, options=options)
+    eight = []
+    if bits == 4 and options.int4_8bit_nodes:
+        from fnmatch import fnmatchcase
+
+        eight = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head
+                 and any(fnmatchcase(n.name, pat) for pat in options.int4_8bit_nodes)]
+    model = _nbits_quantizer(model, bits=bits, options=options, exclude=special + eight)
+    if special or eight:  # the rest: lm_head (int4_output_bits is 4 or 8) and the 8-bit layers
+        model = _nbits_quantizer(model, bits=8, options=options)
     after = Counter(n.op_type for n in model.graph.node)
     made = after["MatMulNBits"] - before["MatMulNBits"]
     report.quantized = {"MatMul": made} if made else {}
     level = options.accuracy_level
-    report.method = (f"MatMulNBits {bits}-bit, block {options.block_size}, "
+    patterns = ", ".join(options.int4_8bit_nodes)
+    algorithm = "HQQ (float zero points), " if bits == 4 and options.int4_algorithm == "hqq" else ""
+    report.method = (f"MatMulNBits {bits}-bit {algorithm}, block {options.block_size}, "
                      f"{'symmetric' if options.symmetric else 'asymmetric'}"
                      f"{f', accuracy_level {level}' if level else ''}"
-                     f"{f'; output projection {options.int4_output_bits}-bit' if special else ''}")
+                     f"{f'; output projection {options.int4_output_bits}-bit' if special else ''}"
+                     f"{f'; {len(eight)} MatMuls 8-bit ({patterns})' if eight else ''}")
     return model
 
 
