@@ -815,20 +815,21 @@ def _index_islands(model) -> list[str]:
     for node in model.graph.node:  # ONNX graphs are topologically sorted
         if node.op_type == "Constant":
             continue
-        if any(i in runtime for i in node.input):
+        inputs = _node_inputs(node)
+        if any(i in runtime for i in inputs):
             runtime.update(node.output)
-        if any(i in data for i in node.input):
+        if any(i in data for i in inputs):
             # Float results of activations are activations; integer/bool results (Shape, comparisons) are not.
             data.update(o for o in node.output if types.get(o, 1) in float_types)
         elif (any(o in runtime for o in node.output)
-              and any(types.get(t) in float_types for t in list(node.input) + list(node.output))):
+              and any(types.get(t) in float_types for t in inputs + list(node.output))):
             islands.append(node)
     # Constant-only computations (Constant, Identity of a shared weight, inv_freq reshapes) stay float32 when only
     # islands read them (rotary's inv_freq in float16 would put every angle off), else become float16 as usual.
     island_names = {n.name for n in islands}
     consumers: dict[str, list] = {}
     for node in model.graph.node:
-        for i in node.input:
+        for i in _node_inputs(node):
             consumers.setdefault(i, []).append(node)
     for node in reversed(model.graph.node):
         if node.name in island_names or any(o in runtime or o in data for o in node.output):
@@ -838,6 +839,16 @@ def _index_islands(model) -> list[str]:
             islands.append(node)
             island_names.add(node.name)
     return [n.name for n in islands]
+
+
+def _node_inputs(node) -> list[str]:
+    """A node's inputs, with the outer-scope values its subgraphs read (an If's branches take q, k, v that way)."""
+    inputs = list(node.input)
+    for attribute in node.attribute:
+        for graph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+            made = {o for n in graph.node for o in n.output}
+            inputs += [i for n in graph.node for i in _node_inputs(n) if i and i not in made]
+    return inputs
 
 
 def _keep_internal_fp32(model, blocked: set[str]) -> None:

@@ -164,8 +164,8 @@ def contrib_attention(path) -> int:
             result = f"{name}/{label}_out"
             body = helper.make_node("MultiHeadAttention", inputs, [result], name=f"{name}/{label}",
                                     domain="com.microsoft", **attributes)
-            return helper.make_graph([body], f"{name}_{label}", [],
-                                     [helper.make_tensor_value_info(result, TensorProto.FLOAT, None)])
+            # The output's type is left to inference: an fp16 conversion changes it (the If must follow).
+            return helper.make_graph([body], f"{name}_{label}", [], [helper.make_empty_tensor_value_info(result)])
 
         nodes.append(helper.make_node("If", [every], [out], name=f"{name}/If",
                                       then_branch=branch([q, k, v], "flash"),
