@@ -301,9 +301,15 @@ def _run_serve(args) -> int:
     config = server_config(args, path)
     try:
         asyncio.run(serve(config, loader=loader))
-    except OSError as exc:  # the port could not be bound: nothing was loaded, nothing said "ready"
+    except OSError as exc:  # the port could not be bound: nothing said "ready"
         reason = os.strerror(exc.errno) if exc.errno else exc
         print(f"edgevlm serve: error: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+        # The early load is still inside onnxruntime on its thread: an interpreter exit under it aborts the
+        # process ("terminate called without an active exception", status -6). Let it finish, then drop it.
+        try:
+            loader().close()
+        except BaseException:  # noqa: BLE001 - its own error does not matter any more
+            pass
         return 2
     return 0
 
