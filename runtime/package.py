@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 
 from .errors import PackageError
 from .families import FAMILIES
@@ -193,7 +194,7 @@ class ModelPackage:
                     stat = os.stat(file)
                 except OSError:
                     stat = None
-                if stat is None or not file.is_file():
+                if stat is None or not S_ISREG(stat.st_mode):
                     raise PackageError(f"model package {self.path}: {name} is missing")
                 if stat.st_size != entry["bytes"]:
                     raise PackageError(

@@ -182,7 +182,7 @@ def vision_feeds(checkpoint: Path, values: np.ndarray, grids: list) -> list[dict
         if family_of(checkpoint) == "qwen2_5_vl":
             feeds.append(windowed_feed(image, (t, h, w), 2, 4))
         else:
-            feeds.append({"pixel_values": image, "position_ids": vision_positions([(t, h, w)])[0]})
+            feeds.append({"pixel_values": image, "position_ids": vision_positions((t, h, w))})
     return feeds
 
 

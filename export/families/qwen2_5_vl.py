@@ -46,8 +46,10 @@ class VisionEncoder(qwen2vl.VisionEncoder):
 
 
 def _window(model) -> int:
+    from ...runtime.families.qwen2_5_vl import window_tokens
+
     vision = model.config.vision_config
-    return vision.window_size // vision.spatial_merge_size // vision.patch_size
+    return window_tokens(vision.window_size, vision.spatial_merge_size, vision.patch_size)
 
 
 def vision_dummy_inputs(model) -> tuple[torch.Tensor, ...]:
@@ -94,9 +96,9 @@ def package_metadata(model, processor) -> dict:
 def package_features(engine, inputs):
     import numpy as np
 
-    from ...runtime.families.qwen2_5_vl import vision_feed
+    from ...runtime.families.qwen2_5_vl import vision_feed, window_tokens
 
     vision = engine.package.vision
-    window = vision["window_size"] // vision["merge_size"] // vision["patch_size"]
+    window = window_tokens(vision["window_size"], vision["merge_size"], vision["patch_size"])
     return np.concatenate([engine.run_vision(vision_feed(values, grid, vision["merge_size"], window))
                            for values, grid in qwen2vl._per_image(inputs)])

@@ -84,7 +84,7 @@ def vision_dummy_inputs(model) -> tuple[torch.Tensor, torch.Tensor]:
 
     vision = model.config.vision_config
     width = vision.in_chans * vision.temporal_patch_size * vision.patch_size ** 2
-    positions, _ = vision_positions([(1, 4, 6)], vision.spatial_merge_size)
+    positions = vision_positions((1, 4, 6), vision.spatial_merge_size)
     generator = torch.Generator().manual_seed(0)
     return torch.randn(len(positions), width, generator=generator), torch.from_numpy(positions)
 
@@ -209,7 +209,7 @@ def package_features(engine, inputs):
     from ...runtime.families.qwen2vl import vision_positions
 
     return np.concatenate([engine.run_vision({"pixel_values": values,
-                                              "position_ids": vision_positions([grid])[0]})
+                                              "position_ids": vision_positions(grid)})
                            for values, grid in _per_image(inputs)])
 
 

@@ -24,6 +24,11 @@ from .qwen2vl import Qwen2VLFamily, vision_positions
 DEFAULT_WINDOW = 112  # pixels (the Qwen2.5-VL cards' vision_config.window_size)
 
 
+def window_tokens(window_size: int, merge_size: int, patch_size: int) -> int:
+    """A window's side in merged tokens (112 px / 2 / 14 = 4): `window_index`'s `window`."""
+    return window_size // merge_size // patch_size
+
+
 def window_index(grids: Sequence[Sequence[int]], merge_size: int = 2, window: int = 4
                  ) -> tuple[np.ndarray, np.ndarray]:
     """HF's ``get_window_index`` in numpy → (index [tokens]: merged tokens in window order, window_of [tokens]:
@@ -52,7 +57,7 @@ def vision_feed(pixel_values: np.ndarray, grid: Sequence[int], merge_size: int =
                 ) -> dict[str, np.ndarray]:
     """The vision graph's feed for one image: `pixel_values` [patches, width] of grid `grid`, processor order."""
     unit = merge_size * merge_size
-    positions, _ = vision_positions([grid], merge_size)
+    positions = vision_positions(grid, merge_size)
     order, window_of = window_index([grid], merge_size, window)
 
     def by_window(values: np.ndarray) -> np.ndarray:
@@ -76,7 +81,8 @@ class Qwen25VLFamily(Qwen2VLFamily):
     def __init__(self, package):
         super().__init__(package)
         vision = package.vision
-        self.window = int(vision.get("window_size", DEFAULT_WINDOW)) // self.config.merge_size // self.config.patch_size
+        self.window = window_tokens(int(vision.get("window_size", DEFAULT_WINDOW)), self.config.merge_size,
+                                    self.config.patch_size)
 
     def vision_inputs(self, image, plan):
         from ..preprocess.qwen2vl import patchify

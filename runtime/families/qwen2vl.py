@@ -5,9 +5,9 @@
   ``Qwen2VLProcessor`` does;
 - `rope_index`: the 3-D M-RoPE positions (temporal, height, width) of a prompt with images, and the offset its
   decode positions take after it (``Qwen2VLModel.get_rope_index`` in transformers 4.57, still images only);
-- `vision_positions`: the vision tower's per-patch inputs that HF derives from grid_thw inside the model (each
-  patch's row and column in the merger's 2×2 order, and which image it belongs to); the graph runs one image at a
-  time (attention within the image, as HF's per-image split), so it takes the positions only.
+- `vision_positions`: the vision tower's per-patch input that HF derives from grid_thw inside the model (each
+  patch's row and column in the merger's 2×2 order); the graph runs one image at a time (attention within the
+  image, as HF's per-image split).
 
 `Qwen2VLFamily` puts them behind the family interface (families/__init__.py), with `positions` for the engine.
 """
@@ -80,20 +80,15 @@ def rope_index(input_ids: Sequence[int], grids: Sequence[Sequence[int]], image_t
     return positions, int(positions.max()) + 1 - len(ids) if len(ids) else 0
 
 
-def vision_positions(grids: Sequence[Sequence[int]], merge_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """→ (position_ids [patches, 2] int64: row and column of each patch, segment_ids [patches] int64: its image),
-    patches in the order the image processor emits them (HF's ``rot_pos_emb`` and ``cu_seqlens``)."""
-    positions, segments = [], []
-    for index, (t, h, w) in enumerate(grids):
-        m = merge_size
-        rows = np.broadcast_to(np.arange(h)[:, None], (h, w)).reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3)
-        cols = np.broadcast_to(np.arange(w)[None, :], (h, w)).reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3)
-        pairs = np.stack([rows.reshape(-1), cols.reshape(-1)], axis=-1)
-        positions.append(np.tile(pairs, (t, 1)))
-        segments.append(np.full(t * h * w, index))
-    if not positions:
-        return np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
-    return np.concatenate(positions).astype(np.int64), np.concatenate(segments).astype(np.int64)
+def vision_positions(grid: Sequence[int], merge_size: int = 2) -> np.ndarray:
+    """→ position_ids [patches, 2] int64 of one image of grid (t, h, w): each patch's row and column, patches in the
+    order the image processor emits them (HF's ``rot_pos_emb``)."""
+    t, h, w = grid
+    m = merge_size
+    rows = np.broadcast_to(np.arange(h)[:, None], (h, w)).reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3)
+    cols = np.broadcast_to(np.arange(w)[None, :], (h, w)).reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3)
+    pairs = np.stack([rows.reshape(-1), cols.reshape(-1)], axis=-1)
+    return np.tile(pairs, (t, 1)).astype(np.int64)
 
 
 
@@ -136,7 +131,7 @@ class Qwen2VLFamily:
         from ..preprocess.qwen2vl import patchify
 
         values, grid = patchify(image, self.config)
-        yield {"pixel_values": values, "position_ids": vision_positions([grid], self.config.merge_size)[0]}
+        yield {"pixel_values": values, "position_ids": vision_positions(grid, self.config.merge_size)}
 
     def positions(self, input_ids, plans) -> tuple[np.ndarray, int]:
         return rope_index(input_ids, [plan.layout for plan in plans], self.image_token_id, self.config.merge_size)
