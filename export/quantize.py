@@ -21,7 +21,7 @@ Modes (`quantize_graph(src, dst, mode, graph=...)`):
 - ``int4``: weight-only 4-bit `MatMulNBits` (block 32, symmetric, accuracy_level 4: int8 activations inside the
   kernel) through onnxruntime's `MatMulNBitsQuantizer`; the decoder's output projection (lm_head) is 8-bit
   (`int4_output_bits`). In the ``embed_tokens`` graph the table becomes a 4-bit `GatherBlockQuantized` (block 32,
-  symmetric; the graph's opset becomes 21 for the int4 tensor type).
+  symmetric; the graph's opset becomes 21 for the int4 tensor type), unless it is tied to the lm_head (below).
   Measured on SmolLM2-135M's real text weights (benchmarks/QUALITY.md, "int4 plans"): text top-1 agreement with
   fp32 58%, KL 0.51. Options that measured better: `int4_8bit_nodes=("*/down_proj/*",)` (down_proj 8-bit: 69.5%,
   KL 0.21, +13 MB, same decode speed); `int4_algorithm="hqq"` (float zero points: 97.7% at block 32 only because
@@ -34,6 +34,11 @@ Modes (`quantize_graph(src, dst, mode, graph=...)`):
   Idefics3's patch position buckets), whose float32 results are clipped to ±65504 where they meet float16. The
   decoder's KV cache becomes float16 (`QuantReport.kv_dtype`; `QuantOptions.fp16_kv_dtype="float32"` keeps it).
 - ``fp32``: an unchanged copy (for plans that keep a graph in full precision).
+
+In int8 and int4 graphs, float32 block scales, patch Convs and position tables are stored as float16 and Cast back
+at load (`_store_float_weights_fp16`: −8.4 MB of SmolVLM-256M's int4 decoder, −2.8 MB of its vision file). When the
+checkpoint ties lm_head to the embedding table, `quantize_package_graphs` stores the table once: the embed_tokens
+graph reads the decoder's 8-bit lm_head blocks (export/tied.py).
 
 `PLANS` gives the default per-graph plan for a package-level choice (``--quant int4`` → decoder int4, embeddings and
 vision int8), and `quantize_package_graphs` applies a plan to a folder of graphs.
@@ -55,12 +60,15 @@ PROTOBUF_LIMIT = 2 * 1024**3
 
 MODES = ("fp32", "int8", "int4", "fp16")
 # Default per-graph modes for a package-level quantization choice. Vision towers lose more from 4-bit weights than
-# decoders do, so the vision graph stays int8 in the int4 plan; the embedding table is int8 per row there too
-# (4-bit saves only ~13 MB on SmolVLM-256M, and the table feeds every token of the prompt).
+# decoders do, so the vision graph stays int8 in the int4 plan. The embedding table is 4-bit there (as llama.cpp's
+# Q4_0 does): −13 MB at SmolVLM-256M's size, and on SmolLM2-135M's real weights the int4 package's text top-1
+# agreement with fp32 was 57.3% with it against 58.8% with int8 rows, KL 0.49 against 0.51 (benchmarks/QUALITY.md):
+# the 4-bit decoder's error, not the table's. A tied table (lm_head = embeddings) is shared with the lm_head's
+# 8-bit blocks instead (export/tied.py).
 PLANS: dict[str, dict[str, str]] = {
     "fp32": {"vision_encoder": "fp32", "embed_tokens": "fp32", "decoder": "fp32"},
     "int8": {"vision_encoder": "int8", "embed_tokens": "int8", "decoder": "int8"},
-    "int4": {"vision_encoder": "int8", "embed_tokens": "int8", "decoder": "int4"},
+    "int4": {"vision_encoder": "int8", "embed_tokens": "int4", "decoder": "int4"},
     "fp16": {"vision_encoder": "fp16", "embed_tokens": "fp16", "decoder": "fp16"},
 }
 
@@ -186,8 +194,11 @@ def plan_for(quant: str) -> dict[str, str]:
 
 def quantize_package_graphs(package_dir: str | Path, out_dir: str | Path, plan: dict[str, str], *,
                             files: dict[str, str] | None = None, options: QuantOptions | None = None,
-                            progress=None) -> dict[str, QuantReport]:
+                            progress=None, share_tied: bool = True) -> dict[str, QuantReport]:
     """Quantize each graph of `package_dir` by `plan` ({graph: mode}) into `out_dir` under the same file name.
+
+    `share_tied`: when the embedding table is the decoder's lm_head (tied weights) and both are quantized, the
+    embed_tokens graph reads the lm_head's 8-bit blocks and the package stores the table once (export/tied.py).
 
     Graph file names come from `files`, else from `package_dir`/model.json's graphs entries, else `GRAPH_FILES`.
     `out_dir` may be `package_dir` (each graph is replaced in place). model.json is not written: use each report's
@@ -206,6 +217,12 @@ def quantize_package_graphs(package_dir: str | Path, out_dir: str | Path, plan: 
     unknown = set(plan) - set(files)
     if unknown:
         raise QuantizationError(f"plan names graphs this package does not have: {', '.join(sorted(unknown))}")
+    tied = (share_tied and plan.get("embed_tokens") in ("int8", "int4") and plan.get("decoder") in ("int8", "int4")
+            and {"embed_tokens", "decoder"} <= set(files))
+    if tied:  # decided on the float graphs, before out_dir (which may be package_dir) is overwritten
+        from .tied import tied_table
+
+        tied = tied_table(package_dir / files["embed_tokens"], package_dir / files["decoder"])
     reports = {}
     for graph, mode in plan.items():
         if progress:
@@ -215,7 +232,38 @@ def quantize_package_graphs(package_dir: str | Path, out_dir: str | Path, plan: 
         if progress:
             for line in reports[graph].lines():
                 progress(line)
+    if tied:
+        _share_tied(out_dir, files, reports, progress)
     return reports
+
+
+def _share_tied(out_dir: Path, files: dict[str, str], reports: dict[str, QuantReport], progress) -> None:
+    import onnx
+
+    from .tied import TIED_FILE, share_tied_table
+
+    shared = share_tied_table(out_dir, files["embed_tokens"], files["decoder"])
+    if shared is None:
+        if progress:
+            progress("embed_tokens: tied to lm_head, but the lm_head is not 8-bit MatMulNBits: kept its own table")
+        return
+    for graph in ("embed_tokens", "decoder"):
+        report = reports[graph]
+        report.files = [p.name for p in _graph_files(out_dir / files[graph])]
+        report.bytes_after = sum((out_dir / name).stat().st_size for name in report.files)
+    embed = reports["embed_tokens"]
+    model = onnx.load(str(out_dir / files["embed_tokens"]), load_external_data=False)
+    embed.quantized = {"Gather": 1}
+    embed.left_in_float = []
+    embed.node_types_after = _count_ops(model)
+    embed.contrib_ops = []
+    embed.opset = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
+    embed.method = (f"reads the decoder's {shared['bits']}-bit lm_head blocks (tied weights, block "
+                    f"{shared['block_size']}, stored once in {TIED_FILE}): Gather, Cast, Sub, Mul, Reshape")
+    reports["decoder"].method += f"; lm_head's bytes in {TIED_FILE}, shared with embed_tokens"
+    if progress:
+        progress(f"embed_tokens: tied to lm_head: the table is stored once ({TIED_FILE}, "
+                 f"{shared['bytes'] / 1e6:,.1f} MB)")
 
 
 def quantize_graph(src: str | Path, dst: str | Path, mode: str, *, graph: str | None = None,
@@ -272,6 +320,8 @@ def quantize_graph(src: str | Path, dst: str | Path, mode: str, *, graph: str | 
             changed = sorted(k for k in set(expected) | set(io_after) if expected.get(k) != io_after.get(k))
             raise QuantizationError(f"{graph}: {mode} changed the graph's inputs/outputs: {', '.join(changed)}")
         _describe_result(model, report, options, int8_method)
+        if mode in ("int8", "int4"):
+            _store_float_weights_fp16(model, report)
 
         # Write beside the destination first, then move into place: dst may be src (in-place quantization).
         staged = tmp / "out" / dst.name
@@ -941,3 +991,59 @@ def _to_fp16(model, graph: str, options: QuantOptions, report: QuantReport, tmp:
                      f"{' except the KV cache' if has_kv and options.fp16_kv_dtype == 'float16' else ''}"
                      f"{'; float32 kept for ' + ', '.join(kept) if kept else ''}")
     return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# float weights left in int8 / int4 graphs
+
+FP16_STORAGE_MIN_ELEMENTS = 4096
+# (op type, input index) of the float weights stored as float16: block scales, the patch Conv, position tables. Not
+# the rotary cos/sin caches, norms or biases.
+FP16_STORAGE_USES = {("MatMulNBits", 2), ("GatherBlockQuantized", 2), ("Conv", 1), ("Gather", 0)}
+
+
+def _store_float_weights_fp16(model, report: QuantReport) -> None:
+    """Float32 weights of an int8/int4 graph that are block scales (MatMulNBits, GatherBlockQuantized: 16 of
+    SmolVLM-256M's 100 MB int4 decoder), a patch Conv or a position table (5.5 of its 98 MB vision file) are
+    stored as float16 and Cast back to float32 in the graph; onnxruntime folds the Cast when it loads the graph, so
+    what runs is float32 as before (MatMulNBits prepacks the folded scales), rounded to float16's 11 bits: a
+    relative 2^-12, far under the 4- or 8-bit weights' own rounding."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    uses: dict[str, set] = {}
+
+    def collect(graph, outer: bool):
+        for node in graph.node:
+            for index, name in enumerate(node.input):
+                uses.setdefault(name, set()).add((node.op_type, index) if outer else ("subgraph", index))
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    collect(sub, False)
+
+    collect(model.graph, True)
+    casts, kept, saved = [], [], 0
+    outputs = {o.name for o in model.graph.output}
+    for tensor in list(model.graph.initializer):
+        if (tensor.data_type != TensorProto.FLOAT or _numel(tensor) < FP16_STORAGE_MIN_ELEMENTS
+                or not uses.get(tensor.name) or not uses[tensor.name] <= FP16_STORAGE_USES
+                or tensor.name in outputs):
+            kept.append(tensor)
+            continue
+        array = numpy_helper.to_array(tensor)
+        half = array.astype(np.float16)
+        if not np.isfinite(half).all() and np.isfinite(array).all():
+            kept.append(tensor)  # beyond float16's range: keep it float32
+            continue
+        kept.append(numpy_helper.from_array(half, f"{tensor.name}_fp16"))
+        casts.append(helper.make_node("Cast", [f"{tensor.name}_fp16"], [tensor.name],
+                                      name=f"{tensor.name}_CastToFloat", to=TensorProto.FLOAT))
+        saved += array.nbytes - half.nbytes
+    if not casts:
+        return
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    nodes = casts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    report.method += f"; {len(casts)} float weights stored as float16 (-{saved / 1e6:.1f} MB, Cast folded at load)"

@@ -195,11 +195,11 @@ def test_quantized_export_records_each_graph_and_serves(tiny_checkpoint, tmp_pat
     package = ModelPackage.load(out)
     manifest = package.manifest
     assert manifest["quantization"] == "int4"
-    assert manifest["quantization_plan"] == {"vision_encoder": "fp32", "embed_tokens": "int8", "decoder": "int4"}
+    assert manifest["quantization_plan"] == {"vision_encoder": "fp32", "embed_tokens": "int4", "decoder": "int4"}
     assert package.graph("decoder")["quantization"] == "int4"
     assert "MatMulNBits" in package.graph("decoder")["contrib_ops"]
     assert package.graph("decoder")["form"] == "fused"  # the default form, quantized
-    assert package.graph("embed_tokens")["quantization"] == "int8"
+    assert package.graph("embed_tokens")["quantization"] == "int4"
     assert manifest["verification"]["quantization_vs_fp32"]["top1_agreement"] > 0.5
     assert not (out / ".fp32-reference").exists()
     sizes = {g: (out / package.graph(g)["file"]).stat().st_size for g in ("decoder", "embed_tokens")}

@@ -192,7 +192,7 @@ def test_embedding_table_quantized(quantized):
     assert report.quantized == {"Gather": 1} and report.left_in_float == []
     assert [t.data_type for t in inits.values() if len(t.dims) == 2 and t.dims[1] > 1] == [TensorProto.INT8]
     path, report = quantized["embed_tokens", "int4"]
-    assert _ops(path) == {"GatherBlockQuantized": 1}
+    assert _ops(path) in ({"GatherBlockQuantized": 1}, {"GatherBlockQuantized": 1, "Cast": 1})  # fp16-stored scales
     assert report.contrib_ops == ["GatherBlockQuantized"]
 
 
@@ -261,7 +261,7 @@ def test_package_plan_runs_in_engine(tiny_package_portable, tmp_path, inputs):
     from edgevlm.runtime.engine import Engine
     from edgevlm.runtime.package import ModelPackage
 
-    assert q.plan_for("int4") == {"vision_encoder": "int8", "embed_tokens": "int8", "decoder": "int4"}
+    assert q.plan_for("int4") == {"vision_encoder": "int8", "embed_tokens": "int4", "decoder": "int4"}
     reference = Engine(ModelPackage.load(tiny_package_portable), threads=2)
     ids = inputs[0]["embed_tokens"]["input_ids"]
     ref_logits, _ = reference.prefill(ids)
@@ -317,6 +317,51 @@ def test_gemm_is_rewritten_and_quantized(tmp_path, mode):
     out = _session(tmp_path / f"gemm_{mode}.onnx").run(None, feeds)
     np.testing.assert_array_equal(out[1], ref[1])
     assert np.abs(out[0] - ref[0]).max() / np.abs(ref[0]).max() < (0.02 if mode == "int8" else 0.1)
+
+
+def test_large_float_weights_are_stored_as_fp16(tmp_path):
+    """A patch Conv weight and a Gather table that int8 leaves in float (a vision tower's patch embedding and
+    position table) are stored as float16 + Cast; small weights and other uses (an Add's constant: biases, rotary
+    caches) stay float32; the graph computes as before within fp16 rounding."""
+    rng = np.random.default_rng(3)
+    weights = {
+        "conv": rng.normal(scale=0.02, size=(4, 3, 16, 16)),  # 3,072 elements: below the threshold
+        "big_conv": rng.normal(scale=0.02, size=(96, 3, 16, 16)),  # 73,728
+        "table": rng.normal(scale=0.02, size=(1024, 96)),
+        "bias": rng.normal(size=(64, 96)),  # 6,144 elements, but an Add's: not a storage use
+    }
+    nodes = [
+        helper.make_node("Conv", ["pixels", "conv"], ["small"], strides=[16, 16]),
+        helper.make_node("Conv", ["pixels", "big_conv"], ["big"], strides=[16, 16]),
+        helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0),
+        helper.make_node("Add", ["x", "bias"], ["shifted"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "floats",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [1, 3, 64, 64]),
+         helper.make_tensor_value_info("ids", TensorProto.INT64, [5]),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 96])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("small", "shifted", "big", "rows")],
+        [numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()])
+    src = tmp_path / "floats.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    report = q.quantize_graph(src, tmp_path / "floats_int8.onnx", "int8", graph="vision_encoder")
+    assert "2 float weights stored as float16" in report.method
+    model = onnx.load(str(tmp_path / "floats_int8.onnx"))
+    dtypes = {t.name: t.data_type for t in model.graph.initializer}
+    assert dtypes == {"conv": TensorProto.FLOAT, "big_conv_fp16": TensorProto.FLOAT16,
+                      "table_fp16": TensorProto.FLOAT16, "bias": TensorProto.FLOAT}
+    assert report.bytes_after < report.bytes_before - (73_728 + 98_304) * 2 + 4096
+    feeds = {"pixels": rng.normal(size=(1, 3, 64, 64)).astype(np.float32), "ids": np.array([0, 5, 1023, 5, 7]),
+             "x": rng.normal(size=(64, 96)).astype(np.float32)}
+    ref = _session(src).run(None, feeds)
+    out = _session(tmp_path / "floats_int8.onnx").run(None, feeds)
+    np.testing.assert_array_equal(out[0], ref[0])
+    np.testing.assert_array_equal(out[1], ref[1])
+    for got, want in zip(out[2:], ref[2:]):
+        assert got.dtype == np.float32
+        assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()  # float16's 11 bits, summed over 768 terms
+        assert not np.array_equal(got, want)  # the rounding happened: this is the fp16-stored weight
 
 
 def test_external_data_in_and_out(tiny_package_portable, tmp_path, inputs, monkeypatch):
