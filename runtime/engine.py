@@ -245,8 +245,25 @@ class Engine:
         self._vision_lock = threading.Lock()
         if not (defer_vision and device == "cpu"):  # on CUDA the provider check of every graph stays at load
             self.open_vision()
-        self.embed_tokens = session("embed_tokens")
-        self.decoder = session("decoder")
+        # The two text sessions are built side by side (onnxruntime holds no GIL while it builds one): the small
+        # embedding graph on a thread of its own, beside the decoder's weight prepacking.
+        embed: dict = {}
+
+        def build_embed() -> None:
+            try:
+                embed["session"] = session("embed_tokens")
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, on this thread
+                embed["error"] = exc
+
+        embed_thread = threading.Thread(target=build_embed, name="edgevlm-embed-session", daemon=True)
+        embed_thread.start()
+        try:
+            self.decoder = session("decoder")
+        finally:
+            embed_thread.join()
+        if "error" in embed:
+            raise embed.pop("error")
+        self.embed_tokens = embed.pop("session")
         text = package.text
         self.num_layers = text["num_layers"]
         self.kv_heads = text["num_key_value_heads"]
