@@ -102,8 +102,12 @@ class QuantOptions:
     symmetric: bool = True
     accuracy_level: int | None = 4  # 4: int8 activations inside the kernel; None/0: float (8-bit: ~10x slower)
     # int4 decoder weights: "rtn" (round to nearest on MatMulNBits' grid: uint4 zero points when asymmetric) or
-    # "hqq" (onnxruntime's HQQ: asymmetric, float zero points fitted per block; float activations in the kernel)
+    # "hqq" (onnxruntime's HQQ: asymmetric, float zero points fitted per block; float activations in the kernel),
+    # or calibrated on the fp32 package, same grid and kernel as "rtn" (export/int4_search.py): "search"
+    # (importance-weighted scale/zero-point search per block) or "gptq" (Hessian-based error compensation)
     int4_algorithm: str = "rtn"
+    # calibrated int4_algorithm: the fp32 package to calibrate on (None: the folder of the graph being quantized)
+    int4_calibration_package: str | None = None
     int4_output_bits: int = 8  # bits for the decoder's output projection (lm_head) in int4 mode: 4 or 8
     # int4 mode: MatMul nodes (fnmatch patterns on the node name) quantized to 8 bits instead of 4
     int4_8bit_nodes: tuple[str, ...] = ()
@@ -278,8 +282,9 @@ def quantize_graph(src: str | Path, dst: str | Path, mode: str, *, graph: str | 
     if mode not in MODES:
         raise QuantizationError(f"unknown quantization mode {mode!r} (choose one of: {', '.join(MODES)})")
     options = options or QuantOptions()
-    if options.int4_algorithm not in ("rtn", "hqq"):
-        raise QuantizationError(f"int4_algorithm must be 'rtn' or 'hqq', not {options.int4_algorithm!r}")
+    if options.int4_algorithm not in ("rtn", "hqq", "search", "gptq"):
+        raise QuantizationError(f"int4_algorithm must be 'rtn', 'hqq', 'search' or 'gptq', "
+                                f"not {options.int4_algorithm!r}")
     if options.int8_method not in (None, "matmulnbits", "dynamic"):
         raise QuantizationError(f"int8_method must be 'matmulnbits' or 'dynamic', not {options.int8_method!r}")
     src, dst = Path(src), Path(dst)
@@ -310,7 +315,7 @@ def quantize_graph(src: str | Path, dst: str | Path, mode: str, *, graph: str | 
         elif mode == "int8":
             model = _to_nbits(model, graph, 8, options, report)
         else:
-            model = _to_nbits(model, graph, 4, options, report)
+            model = _to_nbits(model, graph, 4, options, report, source=src)
 
         expected = dict(io_before)
         if report.kv_dtype:
@@ -711,7 +716,7 @@ def _nbits_quantizer(model, *, bits: int, options: QuantOptions, exclude=(), op_
     return model
 
 
-def _to_nbits(model, graph: str, bits: int, options: QuantOptions, report: QuantReport):
+def _to_nbits(model, graph: str, bits: int, options: QuantOptions, report: QuantReport, source: Path | None = None):
     """Weight-only MatMulNBits for every MatMul with a constant weight (Gemm rewritten to MatMul first)."""
     _promote_constant_weights(model)
     _rewrite_gemm(model, report)
@@ -724,7 +729,13 @@ def _to_nbits(model, graph: str, bits: int, options: QuantOptions, report: Quant
 
         eight = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head
                  and any(fnmatchcase(n.name, pat) for pat in options.int4_8bit_nodes)]
-    model = _nbits_quantizer(model, bits=bits, options=options, exclude=special + eight)
+    calibrated = ""
+    if bits == 4 and options.int4_algorithm in ("search", "gptq"):  # calibrated, export/int4_search.py
+        from .int4_search import quantize_for_options
+
+        model, calibrated = quantize_for_options(model, options, special + eight, source)
+    else:
+        model = _nbits_quantizer(model, bits=bits, options=options, exclude=special + eight)
     if special or eight:  # the rest: lm_head (int4_output_bits is 4 or 8) and the 8-bit layers
         model = _nbits_quantizer(model, bits=8, options=options)
     after = Counter(n.op_type for n in model.graph.node)
@@ -732,7 +743,7 @@ def _to_nbits(model, graph: str, bits: int, options: QuantOptions, report: Quant
     report.quantized = {"MatMul": made} if made else {}
     level = options.accuracy_level
     patterns = ", ".join(options.int4_8bit_nodes)
-    algorithm = "HQQ (float zero points), " if bits == 4 and options.int4_algorithm == "hqq" else ""
+    algorithm = "HQQ (float zero points), " if bits == 4 and options.int4_algorithm == "hqq" else calibrated
     report.method = (f"MatMulNBits {bits}-bit {algorithm}, block {options.block_size}, "
                      f"{'symmetric' if options.symmetric else 'asymmetric'}"
                      f"{f', accuracy_level {level}' if level else ''}"
