@@ -53,6 +53,16 @@ PLANS: dict[str, dict] = {
     "gptq-act-down8": {"int4_algorithm": "gptq", "int4_8bit_nodes": DOWN8, "_gptq": {"act_order": True}},
     "gptq-act-damp0.1": {"int4_algorithm": "gptq", "_gptq": {"act_order": True, "damp": 0.1}},
     "gptq-asym-act-damp0.1": {"int4_algorithm": "gptq", "symmetric": False, "_gptq": {"act_order": True, "damp": 0.1}},
+    "gptq-asym-act-damp0.03": {"int4_algorithm": "gptq", "symmetric": False,
+                               "_gptq": {"act_order": True, "damp": 0.03}},
+    "gptq-asym-act-ans64": {"int4_algorithm": "gptq", "symmetric": False, "_gptq": {"act_order": True},
+                            "_calibrate": {"answer_tokens": 64}},
+    "gptq-asym-act-2pass": {"int4_algorithm": "gptq", "symmetric": False, "_gptq": {"act_order": True},
+                            "_calibrate": {"passes": 2}},
+    "gptq-act-2pass": {"int4_algorithm": "gptq", "_gptq": {"act_order": True}, "_calibrate": {"passes": 2}},
+    "gptq-asym-act-qkv8-2pass": {"int4_algorithm": "gptq", "symmetric": False, "int4_8bit_nodes": QKV8,
+                                 "_gptq": {"act_order": True}, "_calibrate": {"passes": 2}},
+    "gptq-act-ans64": {"int4_algorithm": "gptq", "_gptq": {"act_order": True}, "_calibrate": {"answer_tokens": 64}},
     # experiments: "_gptq" holds keyword arguments for export.int4_search.gptq (not QuantOptions fields)
     "gptq-act": {"int4_algorithm": "gptq", "_gptq": {"act_order": True}},
     "gptq-asym-act": {"int4_algorithm": "gptq", "symmetric": False, "_gptq": {"act_order": True}},
@@ -108,13 +118,14 @@ def build(name: str, fields: dict, fp32: Path, int4: Path, workdir: Path) -> Pat
     if options.int4_algorithm in ("search", "gptq"):
         options.int4_calibration_package = str(fp32)
     start = time.perf_counter()
-    plain = int4_search.gptq
-    int4_search.gptq = functools.partial(plain, **extra.get("_gptq", {}))
+    plain = int4_search.quantize_matmuls  # experiments: keyword arguments quantize_for_options does not pass
+    int4_search.quantize_matmuls = functools.partial(plain, gptq_options=extra.get("_gptq"),
+                                                     **extra.get("_calibrate", {}))
     try:
         report = quantize_graph(fp32 / decoder_file, tmp / decoder_file, extra.get("_mode", "int4"), graph="decoder",
                                 options=options)
     finally:
-        int4_search.gptq = plain
+        int4_search.quantize_matmuls = plain
     seconds = time.perf_counter() - start
     entry = manifest["graphs"]["decoder"]
     entry.pop("external_data", None)
@@ -187,7 +198,7 @@ def sensitivity(base: str, fp32: Path, int4: Path, workdir: Path, reference, qq,
     from edgevlm.export.quantize import quantize_graph
 
     decoder_file = json.loads((int4 / "model.json").read_text())["graphs"]["decoder"]["file"]
-    int8_decoder = workdir / "int8-decoder" / decoder_file
+    int8_decoder = workdir / ".int8-for-swaps" / decoder_file
     if not int8_decoder.exists():
         quantize_graph(fp32 / decoder_file, int8_decoder, "int8", graph="decoder")
     base_dir = workdir / base

@@ -486,34 +486,51 @@ def _prefill_feeds(engine, session, embeds: np.ndarray) -> dict:
 
 
 def collect_hessians(model, package_dir, inputs: list[str], conversations: list[list[dict]] | None = None,
-                     progress=None) -> tuple[dict[str, np.ndarray], int]:
+                     progress=None, answer_tokens: int = 0, quantized=None) -> tuple[dict, int]:
     """Σ xᵀx over every calibration token for each tensor in `inputs` (MatMul inputs of the decoder `model`, an
     fp32 ONNX ModelProto), running `model` itself on the conversations rendered and embedded by the package in
-    `package_dir` (its tokenizer, chat template and embed_tokens graph). → ({input: [K, K] float64}, tokens)."""
+    `package_dir` (its tokenizer, chat template and embed_tokens graph). `answer_tokens`: each conversation that
+    ends with a user turn gets the package's own greedy answer (at most that many tokens) appended first.
+    → ({input: [K, K] float64}, tokens). With `quantized` (the same graph, some MatMuls quantized) the values are
+    pairs (Σ x_qᵀx_q, Σ x_qᵀx) of its inputs x_q with `model`'s x, both run on the same tokens."""
     from ..runtime.vlm import VisionLanguageModel
 
     conversations = conversations or calibration_conversations()
     vlm = VisionLanguageModel.load(package_dir, defer_vision=True)
     try:
         session = _session_for(model, inputs)
-        sums: dict[str, np.ndarray] = {}
+        session_q = _session_for(quantized, inputs) if quantized is not None else None
+        sums: dict = {}
         pending: dict[str, list[np.ndarray]] = {name: [] for name in inputs}
+        pending_q: dict[str, list[np.ndarray]] = {name: [] for name in inputs}
         tokens = held = 0
 
         def flush():  # one product per tensor for many short conversations (a K×K product costs ~K² anyway)
             for name, parts in pending.items():
                 if parts:
                     x = np.concatenate(parts)
-                    xtx = (x.T @ x).astype(np.float64)  # float32 products of ≤ 1,024 rows, summed in float64
-                    sums[name] = sums[name] + xtx if name in sums else xtx
+                    if session_q is None:
+                        xtx = (x.T @ x).astype(np.float64)  # float32 products of ≤ 1,024 rows, summed in float64
+                        sums[name] = sums[name] + xtx if name in sums else xtx
+                    else:
+                        xq = np.concatenate(pending_q[name])
+                        pair = ((xq.T @ xq).astype(np.float64), (xq.T @ x).astype(np.float64))
+                        sums[name] = (sums[name][0] + pair[0], sums[name][1] + pair[1]) if name in sums else pair
+                        pending_q[name].clear()
                     parts.clear()
 
         for i, messages in enumerate(conversations):
-            ids = np.asarray(vlm.prepare(messages).input_ids, dtype=np.int64)[None]
+            ids = list(vlm.prepare(messages).input_ids)
+            if answer_tokens:
+                ids += vlm.engine.greedy(np.asarray(ids), None, answer_tokens, vlm.eos_token_ids)
+            ids = np.asarray(ids, dtype=np.int64)[None]
             embeds = vlm.engine.embed(ids)
             values = session.run(inputs, _prefill_feeds(vlm.engine, session, embeds))
             for name, value in zip(inputs, values):
                 pending[name].append(value.reshape(-1, value.shape[-1]).astype(np.float32))
+            if session_q is not None:
+                for name, value in zip(inputs, session_q.run(inputs, _prefill_feeds(vlm.engine, session_q, embeds))):
+                    pending_q[name].append(value.reshape(-1, value.shape[-1]).astype(np.float32))
             tokens += ids.shape[1]
             held += ids.shape[1]
             if held >= 1024:
@@ -522,7 +539,7 @@ def collect_hessians(model, package_dir, inputs: list[str], conversations: list[
             if progress and (i + 1) % 16 == 0:
                 progress(f"  calibration: {i + 1}/{len(conversations)} conversations, {tokens} tokens")
         flush()
-        del session
+        del session, session_q
     finally:
         vlm.close()
     return sums, tokens
@@ -533,10 +550,15 @@ def collect_hessians(model, package_dir, inputs: list[str], conversations: list[
 
 
 def quantize_matmuls(model, *, algorithm: str, block: int, symmetric: bool, accuracy_level: int | None,
-                     package_dir, exclude=(), damp: float = 0.01, progress=None) -> tuple[object, dict]:
+                     package_dir, exclude=(), progress=None, answer_tokens: int = 0,
+                     gptq_options: dict | None = None, passes: int = 1) -> tuple[object, dict]:
     """Replace every MatMul with a constant 2-D float32 weight (names in `exclude` aside) by a 4-bit MatMulNBits
     quantized by `algorithm` ("search" or "gptq"), calibrated on the package in `package_dir` (the fp32 package the
-    graph belongs to). → (model, summary: tokens, nodes, and the weighted errors against RTN)."""
+    graph belongs to). → (model, summary: tokens, nodes, and the weighted errors against RTN).
+
+    `passes=2` (gptq): calibrate again on the model quantized by the first pass, and quantize each weight again
+    from the fp32 one so that the quantized inputs x_q best give the fp32 outputs x·W: GPTQ of
+    W' = (E[x_qᵀx_q] + λI)⁻¹ E[x_qᵀx] W under H = E[x_qᵀx_q] (the drift of earlier layers' errors compensated)."""
     from onnx import numpy_helper
 
     if algorithm not in ALGORITHMS:
@@ -548,37 +570,60 @@ def quantize_matmuls(model, *, algorithm: str, block: int, symmetric: bool, accu
                  and len(inits[node.input[1]].dims) == 2 and inits[node.input[1]].data_type == 1]
     targets = [model.graph.node[i] for i in positions]
     inputs = list(dict.fromkeys(node.input[0] for node in targets))
-    sums, tokens = collect_hessians(model, package_dir, inputs, progress=progress)
-    errors = {"rtn": 0.0, algorithm: 0.0}
-    replaced = {}
-    new_inits = []
-    for i, node in enumerate(targets):
-        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        hessian = sums[node.input[0]] / max(tokens, 1)
-        if algorithm == "gptq":
-            quant = gptq(w, hessian, block, symmetric, damp=damp)
-        else:
-            quant = search(w, np.diagonal(hessian), block, symmetric)
-        errors["rtn"] += output_error(w, rtn(w, block, symmetric), hessian)
-        errors[algorithm] += output_error(w, quant, hessian)
-        made, made_inits = to_matmulnbits(node, node.input[1], quant, w.shape[0], accuracy_level)
-        replaced[positions[i]] = made
-        new_inits += made_inits
-        if progress and (i + 1) % 20 == 0:
-            progress(f"  {algorithm}: {i + 1}/{len(targets)} MatMuls")
-    nodes = [replaced.get(i, node) for i, node in enumerate(model.graph.node)]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    model.graph.initializer.extend(new_inits)
-    used = {i for n in model.graph.node for i in n.input}
-    old_weights = {n.input[1] for n in targets}
-    keep = [t for t in model.graph.initializer if t.name in used or t.name not in old_weights]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        from onnx import helper
+    sums, tokens = collect_hessians(model, package_dir, inputs, progress=progress, answer_tokens=answer_tokens)
+    weights = [numpy_helper.to_array(inits[node.input[1]]).astype(np.float32) for node in targets]
 
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    def quantize_all(stats):
+        errors = {"rtn": 0.0, algorithm: 0.0}
+        replaced, new_inits = {}, []
+        for i, (node, w) in enumerate(zip(targets, weights)):
+            if isinstance(stats[node.input[0]], tuple):  # second pass: inputs of the quantized model
+                hessian, cross = (m / max(tokens, 1) for m in stats[node.input[0]])
+                lam = 0.01 * np.mean(np.diagonal(hessian)) + 1e-12
+                target = np.linalg.solve(hessian + lam * np.eye(len(hessian)), cross @ w).astype(np.float32)
+            else:
+                hessian, target = stats[node.input[0]] / max(tokens, 1), w
+            if algorithm == "gptq":
+                quant = gptq(target, hessian, block, symmetric, **(gptq_options or {}))
+            else:
+                quant = search(target, np.diagonal(hessian), block, symmetric)
+            errors["rtn"] += output_error(target, rtn(target, block, symmetric), hessian)
+            errors[algorithm] += output_error(target, quant, hessian)
+            made, made_inits = to_matmulnbits(node, node.input[1], quant, w.shape[0], accuracy_level)
+            replaced[positions[i]] = made
+            new_inits += made_inits
+            if progress and (i + 1) % 20 == 0:
+                progress(f"  {algorithm}: {i + 1}/{len(targets)} MatMuls")
+        return replaced, new_inits, errors
+
+    def apply(into, replaced, new_inits):
+        nodes = [replaced.get(i, node) for i, node in enumerate(into.graph.node)]
+        del into.graph.node[:]
+        into.graph.node.extend(nodes)
+        into.graph.initializer.extend(new_inits)
+        used = {i for n in into.graph.node for i in n.input}
+        old_weights = {n.input[1] for n in targets}
+        keep = [t for t in into.graph.initializer if t.name in used or t.name not in old_weights]
+        del into.graph.initializer[:]
+        into.graph.initializer.extend(keep)
+        if not any(o.domain == "com.microsoft" for o in into.opset_import):
+            from onnx import helper
+
+            into.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        return into
+
+    replaced, new_inits, errors = quantize_all(sums)
+    for _ in range(passes - 1):
+        import onnx
+
+        quantized = onnx.ModelProto()
+        quantized.CopyFrom(model)
+        apply(quantized, replaced, new_inits)
+        sums, tokens = collect_hessians(model, package_dir, inputs, progress=progress, answer_tokens=answer_tokens,
+                                        quantized=quantized)
+        del quantized
+        replaced, new_inits, errors = quantize_all(sums)
+    model = apply(model, replaced, new_inits)
     summary = {"tokens": tokens, "nodes": len(targets), "output_error": errors}
     return model, summary
 
