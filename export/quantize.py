@@ -458,22 +458,41 @@ def _float_initializers(model) -> dict:
     return {t.name: t for t in model.graph.initializer if t.data_type in _FLOAT_TYPES}
 
 
-def _output_projection(model) -> str | None:
-    """The MatMul that produces the `logits` output (lm_head), following only shape/dtype-preserving nodes."""
+def _logits_producer(model, op_types=("MatMul", "Gemm")):
+    """The node of `op_types` that produces the `logits` output (lm_head), following only shape/dtype-preserving
+    nodes; None when there is none."""
     producers = {out: node for node in model.graph.node for out in node.output}
-    names = [o.name for o in model.graph.output if o.name == "logits"]
-    if not names:
-        return None
-    node = producers.get(names[0])
+    node = producers.get("logits") if any(o.name == "logits" for o in model.graph.output) else None
     for _ in range(4):
         if node is None:
             return None
-        if node.op_type in ("MatMul", "Gemm"):
-            return node.name
+        if node.op_type in op_types:
+            return node
         if node.op_type not in ("Identity", "Cast", "Reshape", "Add"):
             return None
         node = producers.get(node.input[0])
     return None
+
+
+def _output_projection(model) -> str | None:
+    """The name of the MatMul that produces the `logits` output (lm_head)."""
+    node = _logits_producer(model)
+    return node.name if node is not None else None
+
+
+def _table_gathers(model) -> list:
+    """Gather nodes reading a 2-D float initializer along axis 0: embedding tables."""
+    from onnx import helper
+
+    inits = _float_initializers(model)
+    tables = []
+    for node in model.graph.node:
+        if node.op_type != "Gather" or node.input[0] not in inits:
+            continue
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        if len(inits[node.input[0]].dims) == 2 and axis == 0:
+            tables.append(node)
+    return tables
 
 
 def _describe_result(model, report: QuantReport, options: QuantOptions, int8_method: str) -> None:
@@ -763,13 +782,7 @@ def _quantize_embedding(model, mode: str, options: QuantOptions, report: QuantRe
 
     _promote_constant_weights(model)
     inits = _float_initializers(model)
-    tables = []
-    for node in model.graph.node:
-        if node.op_type != "Gather" or node.input[0] not in inits:
-            continue
-        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
-        if len(inits[node.input[0]].dims) == 2 and axis == 0:
-            tables.append(node)
+    tables = _table_gathers(model)
     if mode == "int4":
         names = {n.name for n in tables}
         exclude = [n.name for n in model.graph.node if n.op_type == "Gather" and n.name not in names]

@@ -27,35 +27,6 @@ TIED_FILE = "tied_embedding.data"
 _ALIGN = 4096
 
 
-def _embedding_table(model):
-    """The (Gather node, table initializer) of an embed_tokens graph with one [vocab, hidden] Gather table."""
-    from onnx import helper
-
-    inits = {t.name: t for t in model.graph.initializer}
-    found = []
-    for node in model.graph.node:
-        if node.op_type == "Gather" and node.input[0] in inits:
-            axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
-            if axis == 0 and len(inits[node.input[0]].dims) == 2:
-                found.append((node, inits[node.input[0]]))
-    return found[0] if len(found) == 1 else (None, None)
-
-
-def _logits_node(model, op_types):
-    """The node producing the `logits` output through shape/dtype-preserving nodes (as quantize finds lm_head)."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    node = producers.get("logits") if any(o.name == "logits" for o in model.graph.output) else None
-    for _ in range(4):
-        if node is None:
-            return None
-        if node.op_type in op_types:
-            return node
-        if node.op_type not in ("Identity", "Cast", "Reshape", "Add"):
-            return None
-        node = producers.get(node.input[0])
-    return None
-
-
 def _array(tensor, folder: Path):
     from onnx import numpy_helper
     from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
@@ -70,13 +41,16 @@ def tied_table(embed_path: str | Path, decoder_path: str | Path) -> bool:
     import numpy as np
     import onnx
 
+    from .quantize import _logits_producer, _table_gathers
+
     embed_path, decoder_path = Path(embed_path), Path(decoder_path)
     embed = onnx.load(str(embed_path), load_external_data=False)
-    _, table = _embedding_table(embed)
-    if table is None:
+    gathers = _table_gathers(embed)
+    if len(gathers) != 1:
         return False
+    table = next(t for t in embed.graph.initializer if t.name == gathers[0].input[0])
     decoder = onnx.load(str(decoder_path), load_external_data=False)
-    head = _logits_node(decoder, ("MatMul",))
+    head = _logits_producer(decoder, ("MatMul",))
     inits = {t.name: t for t in decoder.graph.initializer}
     if head is None or head.input[1] not in inits:
         return False
@@ -102,12 +76,12 @@ def share_tied_table(folder: str | Path, embed_file: str, decoder_file: str) -> 
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from .quantize import _graph_files, _save
+    from .quantize import _graph_files, _logits_producer, _save
 
     folder = Path(folder)
     decoder_path, embed_path = folder / decoder_file, folder / embed_file
     decoder = onnx.load(str(decoder_path), load_external_data=True)
-    head = _logits_node(decoder, ("MatMulNBits",))
+    head = _logits_producer(decoder, ("MatMulNBits",))
     if head is None:
         return None
     bits, block, k, n = _attr(head, "bits", 4), _attr(head, "block_size"), _attr(head, "K"), _attr(head, "N")
