@@ -32,6 +32,7 @@ QKV8 = ("*/qkv_proj/*",)
 
 # name → QuantOptions fields (the defaults otherwise: block 32, symmetric, accuracy_level 4, lm_head 8-bit)
 PLANS: dict[str, dict] = {
+    "default": {"_default": True},  # QuantOptions() as `edgevlm export --quant int4` uses it
     "rtn": {},
     "rtn-asym": {"symmetric": False},
     "search": {"int4_algorithm": "search"},
@@ -63,6 +64,19 @@ PLANS: dict[str, dict] = {
     "gptq-asym-act-qkv8-2pass": {"int4_algorithm": "gptq", "symmetric": False, "int4_8bit_nodes": QKV8,
                                  "_gptq": {"act_order": True}, "_calibrate": {"passes": 2}},
     "gptq-act-ans64": {"int4_algorithm": "gptq", "_gptq": {"act_order": True}, "_calibrate": {"answer_tokens": 64}},
+    # fewer bytes per token (decode reads every weight once a token: block 64 / 128 halve / quarter the per-block
+    # scale and sum overhead of MatMulNBits' packed layout; "lm4": a 4-bit output projection)
+    "rtn-b64": {"block_size": 64},
+    "rtn-b64-lm4": {"block_size": 64, "int4_output_bits": 4},
+    "rtn-b128-lm4": {"block_size": 128, "int4_output_bits": 4},
+    "gptq-act-b64": {"int4_algorithm": "gptq", "block_size": 64, "_gptq": {"act_order": True}},
+    "gptq-act-lm4": {"int4_algorithm": "gptq", "int4_output_bits": 4, "_gptq": {"act_order": True}},
+    "gptq-act-b64-lm4": {"int4_algorithm": "gptq", "block_size": 64, "int4_output_bits": 4,
+                         "_gptq": {"act_order": True}},
+    "gptq-act-b128-lm4": {"int4_algorithm": "gptq", "block_size": 128, "int4_output_bits": 4,
+                          "_gptq": {"act_order": True}},
+    "gptq-asym-act-b64-lm4": {"int4_algorithm": "gptq", "symmetric": False, "block_size": 64, "int4_output_bits": 4,
+                              "_gptq": {"act_order": True}},
     # experiments: "_gptq" holds keyword arguments for export.int4_search.gptq (not QuantOptions fields)
     "gptq-act": {"int4_algorithm": "gptq", "_gptq": {"act_order": True}},
     "gptq-asym-act": {"int4_algorithm": "gptq", "symmetric": False, "_gptq": {"act_order": True}},
@@ -109,18 +123,24 @@ def build(name: str, fields: dict, fp32: Path, int4: Path, workdir: Path) -> Pat
     for f in int4.iterdir():
         if f.is_file() and f.name not in (decoder_file, "model.json") and not f.name.startswith(decoder_file):
             os.link(f, tmp / f.name)
-    import functools
-
     from edgevlm.export import int4_search
 
     extra = {k: v for k, v in fields.items() if k.startswith("_")}
-    options = QuantOptions(**{k: v for k, v in fields.items() if not k.startswith("_")})
+    # A plan's fields are changes from the plan "rtn" (round to nearest, block 32, GPTQ without act order), the
+    # int4 default before round 3; "block_size" is the int4 block.
+    base = {"int4_algorithm": "rtn", "int4_block_size": 32, "int4_act_order": False}
+    given = {("int4_block_size" if k == "block_size" else k): v for k, v in fields.items() if not k.startswith("_")}
+    options = QuantOptions(**{**base, **given}) if "_default" not in fields else QuantOptions()
     if options.int4_algorithm in ("search", "gptq"):
         options.int4_calibration_package = str(fp32)
     start = time.perf_counter()
     plain = int4_search.quantize_matmuls  # experiments: keyword arguments quantize_for_options does not pass
-    int4_search.quantize_matmuls = functools.partial(plain, gptq_options=extra.get("_gptq"),
-                                                     **extra.get("_calibrate", {}))
+
+    def patched(*a, gptq_options=None, **k):
+        return plain(*a, gptq_options={**(gptq_options or {}), **extra.get("_gptq", {})},
+                     **{**k, **extra.get("_calibrate", {})})
+
+    int4_search.quantize_matmuls = patched
     try:
         report = quantize_graph(fp32 / decoder_file, tmp / decoder_file, extra.get("_mode", "int4"), graph="decoder",
                                 options=options)

@@ -640,10 +640,13 @@ def quantize_for_options(model, options, exclude, source, progress=None, **overr
     if package is None or not (Path(package) / "model.json").is_file():
         raise QuantizationError(f"int4_algorithm={options.int4_algorithm!r} calibrates on the fp32 package the "
                                 f"decoder belongs to: no model.json in {package} (set int4_calibration_package)")
+    if options.int4_algorithm == "gptq":
+        overrides["gptq_options"] = {"act_order": options.int4_act_order, **(overrides.get("gptq_options") or {})}
     model, summary = quantize_matmuls(model, algorithm=options.int4_algorithm, block=options.block_size,
                                       symmetric=options.symmetric, accuracy_level=options.accuracy_level,
                                       package_dir=package, exclude=exclude, progress=progress, **overrides)
     errors = summary["output_error"]
     ratio = errors[options.int4_algorithm] / errors["rtn"] if errors["rtn"] else 1.0
-    name = {"search": "importance-weighted block search", "gptq": "GPTQ"}[options.int4_algorithm]
+    name = {"search": "importance-weighted block search",
+            "gptq": "GPTQ, act order" if options.int4_act_order else "GPTQ"}[options.int4_algorithm]
     return model, f"{name} (calibrated on {summary['tokens']} tokens; output error {ratio:.0%} of RTN's)"

@@ -18,16 +18,17 @@ Modes (`quantize_graph(src, dst, mode, graph=...)`):
     MatMulNBits runs compute-bound work at fp32 speed. The patch-embedding Conv stays float (<1% of the compute).
   In the ``embed_tokens`` graph the table becomes int8 with one scale per row (plain ONNX: Gather, Gather, Cast,
   Mul), whatever the method.
-- ``int4``: weight-only 4-bit `MatMulNBits` (block 32, symmetric, accuracy_level 4: int8 activations inside the
-  kernel) through onnxruntime's `MatMulNBitsQuantizer`; the decoder's output projection (lm_head) is 8-bit
-  (`int4_output_bits`). In the ``embed_tokens`` graph the table becomes a 4-bit `GatherBlockQuantized` (block 32,
-  symmetric; the graph's opset becomes 21 for the int4 tensor type), unless it is tied to the lm_head (below).
-  Measured on SmolLM2-135M's real text weights (benchmarks/QUALITY.md, "int4 plans"): text top-1 agreement with
-  fp32 58%, KL 0.51. Options that measured better: `int4_8bit_nodes=("*/down_proj/*",)` (down_proj 8-bit: 69.5%,
-  KL 0.21, +13 MB, same decode speed); `int4_algorithm="hqq"` (float zero points: 97.7% at block 32 only because
-  that checkpoint's weights lie on a Q4_1 block-32 grid HQQ reproduces; 67% at block 64; ~13x slower decode, since
-  float zero points take MatMulNBits off its int8 kernels). accuracy_level 0 (float activations) did not help
-  (55.7%) and decodes ~7x slower; block 16 59.5%; asymmetric 61%; a 4-bit embedding table costs 8 points.
+- ``int4``: weight-only 4-bit `MatMulNBits` (block 64, symmetric, accuracy_level 4: int8 activations inside the
+  kernel); the decoder's output projection (lm_head) is 8-bit (`int4_output_bits`). A decoder in a package (as
+  `export_package` quantizes it, beside its fp32 graphs) is quantized by GPTQ with act order, calibrated on that
+  fp32 package (export/int4_search.py; `int4_algorithm="auto"`); a lone graph file by round to nearest. Measured on
+  SmolLM2-135M's real text weights (benchmarks/QUALITY.md, "int4 plans" rounds 2-3): text top-1 agreement with
+  fp32 87.0% (held-out 89.1%), KL 0.066, where round to nearest at block 32 gave 58%, KL 0.51; block 64 decodes
+  ~8% faster than block 32 (fewer per-block scale and sum bytes read per token). Measured and not taken: a 4-bit
+  lm_head (+10% decode, −5 to −11 points), block 128 (−21 points with a 4-bit lm_head), asymmetric blocks, HQQ
+  (float zero points take MatMulNBits off its int8 kernels: ~13x slower decode). In the ``embed_tokens`` graph the
+  table becomes a 4-bit `GatherBlockQuantized` (block 32, symmetric; the graph's opset becomes 21 for the int4
+  tensor type), unless it is tied to the lm_head (below).
 - ``fp16``: float16 weights and compute (`onnxruntime.transformers.float16`), float32 kept at the graph boundary
   (pixel_values, image_features, inputs_embeds, logits), and float32 kept for RMSNorm's mean of squares (x²
   overflows float16 past |x| = 256) and for position/mask/index arithmetic (rotary angles, attention masks,
@@ -46,6 +47,7 @@ vision int8), and `quantize_package_graphs` applies a plan to a folder of graphs
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import shutil
@@ -97,15 +99,25 @@ class QuantOptions:
     int8_per_channel: bool = True
     int8_reduce_range: bool = False  # 7-bit weights: avoids u8s8 saturation on AVX2-without-VNNI CPUs
     int8_conv: bool = False  # the vision patch embedding (Conv) as ConvInteger
-    # MatMulNBits settings (int4, and int8 with int8_method="matmulnbits")
+    # MatMulNBits settings (int8 with int8_method="matmulnbits"; int4 takes int4_block_size)
     block_size: int = 32
+    # int4 MatMulNBits block. A decode step reads every weight once, and MatMulNBits' packed layout for its int8
+    # kernels holds a float scale and a float block sum per block: 6 bits a weight at block 32, 5 at block 64
+    # (llama.cpp's Q4_0: 4.5). Block 64 decodes ~8% faster than 32 (SmolVLM-256M dimensions, 2 cores) at the same
+    # quality once GPTQ places the weights (text top-1 87.0% vs 86.3%, benchmarks/QUALITY.md, round 3).
+    int4_block_size: int = 64
     symmetric: bool = True
     accuracy_level: int | None = 4  # 4: int8 activations inside the kernel; None/0: float (8-bit: ~10x slower)
     # int4 decoder weights: "rtn" (round to nearest on MatMulNBits' grid: uint4 zero points when asymmetric) or
     # "hqq" (onnxruntime's HQQ: asymmetric, float zero points fitted per block; float activations in the kernel),
     # or calibrated on the fp32 package, same grid and kernel as "rtn" (export/int4_search.py): "search"
     # (importance-weighted scale/zero-point search per block) or "gptq" (Hessian-based error compensation)
-    int4_algorithm: str = "rtn"
+    # "auto" (the default): "gptq" for a decoder whose fp32 package is at hand (int4_calibration_package, or the
+    # package folder the graph lies in, as in export_package), "rtn" otherwise (a lone graph file) - the report says
+    # which one ran.
+    int4_algorithm: str = "auto"
+    # gptq: quantize the columns in order of decreasing Hessian diagonal (act order; text top-1 79% -> 87%)
+    int4_act_order: bool = True
     # calibrated int4_algorithm: the fp32 package to calibrate on (None: the folder of the graph being quantized)
     int4_calibration_package: str | None = None
     int4_output_bits: int = 8  # bits for the decoder's output projection (lm_head) in int4 mode: 4 or 8
@@ -282,8 +294,8 @@ def quantize_graph(src: str | Path, dst: str | Path, mode: str, *, graph: str | 
     if mode not in MODES:
         raise QuantizationError(f"unknown quantization mode {mode!r} (choose one of: {', '.join(MODES)})")
     options = options or QuantOptions()
-    if options.int4_algorithm not in ("rtn", "hqq", "search", "gptq"):
-        raise QuantizationError(f"int4_algorithm must be 'rtn', 'hqq', 'search' or 'gptq', "
+    if options.int4_algorithm not in ("auto", "rtn", "hqq", "search", "gptq"):
+        raise QuantizationError(f"int4_algorithm must be 'auto', 'rtn', 'hqq', 'search' or 'gptq', "
                                 f"not {options.int4_algorithm!r}")
     if options.int8_method not in (None, "matmulnbits", "dynamic"):
         raise QuantizationError(f"int8_method must be 'matmulnbits' or 'dynamic', not {options.int8_method!r}")
@@ -735,8 +747,19 @@ def _nbits_quantizer(model, *, bits: int, options: QuantOptions, exclude=(), op_
     return model
 
 
+def _calibration_package(options: QuantOptions, source: Path | None) -> bool:
+    """Whether a calibrated int4 algorithm has its fp32 package: the option's, or the one `source` lies in."""
+    folder = options.int4_calibration_package or (Path(source).parent if source is not None else None)
+    return folder is not None and (Path(folder) / "model.json").is_file()
+
+
 def _to_nbits(model, graph: str, bits: int, options: QuantOptions, report: QuantReport, source: Path | None = None):
     """Weight-only MatMulNBits for every MatMul with a constant weight (Gemm rewritten to MatMul first)."""
+    if bits == 4:  # the whole int4 graph, its 8-bit lm_head and 8-bit nodes too, at the int4 block
+        algorithm = options.int4_algorithm
+        if algorithm == "auto":
+            algorithm = "gptq" if graph == "decoder" and _calibration_package(options, source) else "rtn"
+        options = dataclasses.replace(options, block_size=options.int4_block_size, int4_algorithm=algorithm)
     _promote_constant_weights(model)
     _rewrite_gemm(model, report)
     before = Counter(n.op_type for n in model.graph.node)

@@ -107,10 +107,10 @@ def test_embedding_is_what_the_lm_head_dequantizes_to(packages, tied_checkpoint)
     ids = np.arange(vocab, dtype=np.int64).reshape(1, -1)
     rows = _session(tied / "embed_tokens.onnx").run(None, {"input_ids": ids})[0][0]
     np.testing.assert_allclose(rows, _lm_head_dequantized(tied).T, rtol=0, atol=1e-6)
-    # 8-bit blocks of 32 along the hidden axis, symmetric (onnxruntime's grid is [-128, 127] times max/-128, so
-    # the value opposite the block's extreme clips by up to one step): within one step of absmax/128, plus the
-    # float16-stored scale's rounding (2^-11 relative, times up to 128 steps: 1/16 of a step)
-    blocks = table.astype(np.float32).reshape(vocab, hidden // 32, 32)
+    # 8-bit blocks of 64 (the int4 plan's block) along the hidden axis, symmetric (onnxruntime's grid is [-128, 127]
+    # times max/-128, so the value opposite the block's extreme clips by up to one step): within one step of
+    # absmax/128, plus the float16-stored scale's rounding (2^-11 relative, times up to 128 steps: 1/16 of a step)
+    blocks = table.astype(np.float32).reshape(vocab, hidden // 64, 64)
     step = np.abs(blocks).max(axis=-1, keepdims=True) / 128
     assert (np.abs(rows.reshape(blocks.shape) - blocks) <= step * (1 + 1 / 16) + 1e-7).all()
     # the ids a batch of prompts would use, in any shape
