@@ -129,9 +129,35 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sca
     return _Attention.apply(q, k, v, None if mask is None else mask.to(torch.int32), heads, scale)
 
 
+class _FastGelu(torch.autograd.Function):
+    """tanh-approximated GELU of x + bias (HF's "gelu_pytorch_tanh"); exported as a placeholder node that
+    `contrib_attention` turns into onnxruntime's com.microsoft.FastGelu: one pass over the activations instead of
+    the traced formula's eight element-wise nodes and the bias Add (~12% of a SigLIP tile on 2 CPU cores)."""
+
+    @staticmethod
+    def forward(ctx, x, bias):
+        return torch.nn.functional.gelu(x + bias, approximate="tanh")
+
+    @staticmethod
+    def symbolic(g, x, bias):
+        out = g.op(f"{PLACEHOLDER_DOMAIN}::FastGelu", x, bias)
+        out.setType(x.type())
+        return out
+
+
+def mlp(module: nn.Module, x: torch.Tensor, activation: str) -> torch.Tensor:
+    """A vision tower's fc1 → activation → fc2 MLP (`activation`: the config's hidden_act); with the tanh GELU, its
+    bias and activation become one fused FastGelu node in the exported graph (`_FastGelu`)."""
+    if activation != "gelu_pytorch_tanh" or module.fc1.bias is None:
+        return module(x)
+    hidden = _FastGelu.apply(torch.nn.functional.linear(x, module.fc1.weight), module.fc1.bias)
+    return module.fc2(hidden)
+
+
 def contrib_attention(path) -> int:
     """Rewrite the exported graph at `path`: each placeholder Attention node → com.microsoft.MultiHeadAttention
-    (query, key, value, bias '', key_padding_mask); → the number of nodes rewritten.
+    (query, key, value, bias '', key_padding_mask), each placeholder FastGelu → com.microsoft.FastGelu; → the number
+    of attention nodes rewritten.
 
     A node with a key padding mask becomes an If on "every key is real": then the mask-free MultiHeadAttention
     (flash attention on CPU), else the masked one (onnxruntime's flash kernel takes no mask). Images are mostly
@@ -143,6 +169,10 @@ def contrib_attention(path) -> int:
     model = onnx.load(str(path), load_external_data=False)
     count, nodes = 0, []
     for node in model.graph.node:
+        if node.domain == PLACEHOLDER_DOMAIN and node.op_type == "FastGelu":  # the same inputs: x, bias
+            node.domain = "com.microsoft"
+            nodes.append(node)
+            continue
         if node.domain != PLACEHOLDER_DOMAIN or node.op_type != "Attention":
             nodes.append(node)
             continue

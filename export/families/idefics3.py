@@ -57,6 +57,7 @@ class VisionEncoder(nn.Module):
         self.connector = model.model.connector
         self.patch_size = model.config.vision_config.patch_size
         self.scale_factor = model.config.scale_factor
+        self._activation = model.config.vision_config.hidden_act
 
     def forward(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> torch.Tensor:
         batch, num_images, channels, height, width = pixel_values.shape
@@ -79,7 +80,7 @@ class VisionEncoder(nn.Module):
         key_mask = patch_mask.reshape(n, h * w)
         for layer in self.vision_model.encoder.layers:  # HF's Idefics3EncoderLayer, its attention fused
             hidden = hidden + self._attention(layer.self_attn, layer.layer_norm1(hidden), key_mask)
-            hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+            hidden = hidden + common.mlp(layer.mlp, layer.layer_norm2(hidden), self._activation)
         hidden = self.vision_model.post_layernorm(hidden)
         return self.connector.modality_projection(self._pixel_shuffle(hidden, h, w))
 
