@@ -13,11 +13,13 @@ offset, its sampler, grammar and text state (`ChoiceText`). Each iteration of th
    slows running streams by a bounded factor instead of freezing them; the request with the least prefill work
    left goes first, and one with at most `SMALL_PREFILL` text tokens left runs at once, so a short request is not
    stuck behind a long one;
-3. runs one batched decode step over every decoding sequence: one decoder run over the slab rows [0, d), each
-   row at its own length. Every row in a run costs a full row of every matmul (~3 ms at SmolVLM-256M int4 size),
-   so the decoding sequences are kept in the lowest rows: when that set changes (a sequence finished, a prefill
-   done, a cached prefix taken from a higher slot) a decoding row above a free or prefilling one swaps places with
-   it, a copy of the two rows' positions within the slab, once per change, never per step;
+3. runs one batched decode step over every decoding sequence: one decoder run over one contiguous range of slab
+   rows, each row at its own length. Every row in a run costs a full row of every matmul (~3 ms at SmolVLM-256M
+   int4 size), so a run covers only decoding rows: a lone sequence (or any set whose rows are contiguous) runs
+   where it is; when the set is not contiguous (a sequence finished between two others, a prefill done in a far
+   slot) the decoding rows move to [0, d): a row above a free or prefilling one swaps places with it, a copy of
+   the two rows' positions within the slab, once per change, never per step (a swap copies the cached prefix of
+   the other row too: 50-100 MB and 10-20 ms at 1-2k positions, which a lone stream no longer pays);
 4. samples each row, feeds its `ChoiceText`, emits a `Step`; finished rows leave at once.
 
 Caches: image features (`cache.FeatureCache`, by image content) and prefixes: a slot keeps what its KV holds after
@@ -473,14 +475,17 @@ class Scheduler:
 
     def _decode(self, decoding: list[Sequence]) -> None:
         if self.fused:
-            self._compact(decoding)  # rows 0 .. d-1, in slot order
             rows = sorted(decoding, key=lambda seq: seq.slot.index)
+            lo = rows[0].slot.index
+            if rows[-1].slot.index - lo + 1 != len(rows):  # not one contiguous range: move them to 0 .. d-1
+                self._compact(decoding)
+                rows, lo = sorted(decoding, key=lambda seq: seq.slot.index), 0
             tokens = np.array([seq.last_token for seq in rows], np.int64)
             past = np.array([seq.length for seq in rows], np.int32)
             rope = None
             if self.engine.rotary == "mrope":  # each row at its KV position + its rope offset
                 rope = self.engine.rope_feeds(np.array([[seq.length + seq.rope_delta] for seq in rows]))
-            logits = self.slab.run(0, self.engine.embed(tokens[:, None]), past, rope)
+            logits = self.slab.run(lo, self.engine.embed(tokens[:, None]), past, rope)
             for seq, row_logits in zip(rows, logits):
                 seq.slot.key[seq.length] = seq.last_token
                 seq.length += 1
