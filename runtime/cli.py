@@ -216,6 +216,10 @@ def _add_serve(subparsers) -> None:
     group.add_argument("--image-cache-mb", type=_positive(float), default=engine.image_cache_bytes / 1e6,
                        help="image features kept for later questions about the same image, in MB (default "
                             f"{engine.image_cache_bytes / 1e6:g})")
+    group.add_argument("--prefix-cache-mb", type=_positive(float), default=engine.prefix_cache_bytes / 1e6,
+                       help="KV that idle slots keep for prefix reuse (the next turn of a conversation), in MB; "
+                            "past it the least recently used are emptied and their memory given back (default "
+                            f"{engine.prefix_cache_bytes / 1e6:g})")
     p.set_defaults(func=_run_serve)
 
 
@@ -231,7 +235,8 @@ def _engine_config(args):
     from .limits import EngineConfig
 
     return EngineConfig(max_batch=args.max_batch, kv_budget_bytes=int(args.kv_budget_mb * 1e6),
-                        image_cache_bytes=int(args.image_cache_mb * 1e6))
+                        image_cache_bytes=int(args.image_cache_mb * 1e6),
+                        prefix_cache_bytes=int(args.prefix_cache_mb * 1e6))
 
 
 def server_config(args, path: Path):

@@ -146,6 +146,16 @@ class Slab:
                 buffer[a, :, :length] = buffer[b, :, :length]
                 buffer[b, :, :length] = held
 
+    def release(self, row: int, keep: int = 0) -> None:
+        """Give back the memory of row `row`'s positions from `keep` on (an emptied slot, or what a shorter
+        sequence left behind of a longer one): per layer and head, a contiguous run of positions."""
+        if keep >= self.capacity:
+            return
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                for head in buffer[row]:
+                    memory.discard(head[keep:])
+
     def copy(self, source: int, targets: list[int], length: int) -> None:
         """Give rows `targets` the first `length` positions of row `source` (a request's n choices after their one
         prefill): a copy within the slab, once per request."""

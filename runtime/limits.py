@@ -54,6 +54,9 @@ class EngineConfig:
     max_batch: int = 8  # KV slots: sequences (choices of any requests) decoded together
     kv_budget_bytes: int = 1_000_000_000  # the KV slab of all slots; each holds budget / max_batch positions
     image_cache_bytes: int = 200_000_000  # image features kept for later questions about the same image
+    # KV that idle slots keep for prefix reuse; past it the least recently used idle slots are emptied and their
+    # memory given back (without a cap every slot's last conversation stayed resident: up to the whole KV budget)
+    prefix_cache_bytes: int = 250_000_000
 
     def __post_init__(self):
         _check_positive(self)

@@ -74,3 +74,20 @@ def sparse(array: np.ndarray) -> bool:
     first = -(-start // page) * page
     last = (start + array.nbytes) // page * page
     return _MADVISE(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_NOHUGEPAGE) == 0
+
+
+_MADV_DONTNEED = 4 if sys.platform.startswith("linux") else None
+
+
+def discard(array: np.ndarray) -> bool:
+    """Give a contiguous buffer's whole pages back to the system (an emptied KV row): they read as zeros after and
+    cost memory again only when written. The partial pages at either end keep their contents. True where it took
+    effect."""
+    if _MADVISE is None or _MADV_DONTNEED is None or not array.flags.c_contiguous:
+        return False
+    start, page = array.ctypes.data, mmap.PAGESIZE
+    first = -(-start // page) * page
+    last = (start + array.nbytes) // page * page
+    if last <= first:
+        return False
+    return _MADVISE(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0

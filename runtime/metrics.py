@@ -53,6 +53,8 @@ class Metrics:
         self.prefix_hits = Counter("edgevlm_prefix_cache_hits", "Requests that reused a cached KV prefix",
                                    registry=r)
         self.prefix_misses = Counter("edgevlm_prefix_cache_misses", "Requests that reused no KV prefix", registry=r)
+        self.prefix_evictions = Counter("edgevlm_prefix_cache_evictions",
+                                        "Idle slots emptied to keep the prefix cache within its size", registry=r)
         self.cached_tokens = Counter("edgevlm_prefix_cached_tokens", "Prompt tokens whose KV was reused",
                                      registry=r)
 

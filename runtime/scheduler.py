@@ -156,11 +156,12 @@ class Job:
 class Scheduler:
     def __init__(self, engine: Engine, tokenizer, eos_token_ids: Seq[int], *, max_batch: int, kv_budget_bytes: int,
                  image_cache, vision_inputs: Callable[[PromptImage], object],
-                 metrics: Metrics, default_max_tokens: int | None = None):
+                 metrics: Metrics, default_max_tokens: int | None = None, prefix_cache_bytes: int | None = None):
         self.engine, self.tokenizer, self.eos = engine, tokenizer, tuple(eos_token_ids)
         self.max_batch, self.kv_budget = max_batch, kv_budget_bytes
         self.image_cache, self.vision_inputs, self.metrics = image_cache, vision_inputs, metrics
         self.default_max_tokens = default_max_tokens
+        self.prefix_cache_bytes = prefix_cache_bytes  # None: idle slots keep what they hold (up to the budget)
         self.vocab = engine.package.text["vocab_size"]
         # A vision run costs about as much as this many prompt tokens of prefill (least work left goes first).
         self.run_cost = 4 * engine.package.vision.get("image_seq_len", 64)
@@ -173,6 +174,7 @@ class Scheduler:
                 f"{max_batch} sequences: raise --kv-budget-mb or lower --max-batch")
         self.slab = engine.slab(max_batch, self.slot_positions) if self.fused else None
         self.slots = [_Slot(i, np.full(self.slot_positions, -1, np.int64)) for i in range(max_batch)]
+        self._written = [0] * max_batch  # per slab row: positions written since its memory was last given back
         metrics.kv_slots.set(max_batch)
         metrics.kv_slot_positions.set(self.slot_positions)
         metrics.kv_bytes.set(self.slab.nbytes if self.slab is not None else 0)
@@ -400,6 +402,7 @@ class Scheduler:
             logits = self.slab.run(primary.slot.index, embeds, np.array([begin]), rope)
             primary.slot.key[begin:end] = job.prompt.key[begin:end]
             primary.slot.length = end
+            self._wrote(primary.slot.index, end)
         else:
             if primary.cache is None:
                 primary.cache = self.engine.empty_cache()
@@ -418,6 +421,7 @@ class Scheduler:
                 self.slab.copy(primary.slot.index, [seq.slot.index], end)
                 seq.slot.key[:end] = primary.slot.key[:end]
                 seq.slot.length = end
+                self._wrote(seq.slot.index, end)
             else:
                 seq.cache = primary.cache.take([0])
             seq.length = end
@@ -469,6 +473,8 @@ class Scheduler:
         high = [seq.slot for seq in decoding if seq.slot.index >= d]
         for a, b in zip(low, high):
             self.slab.swap(a.index, b.index, max(a.length, b.length))
+            self._wrote(a.index, max(a.length, b.length))
+            self._wrote(b.index, max(a.length, b.length))
             a.index, b.index = b.index, a.index
             self.slots[a.index], self.slots[b.index] = a, b
             self.metrics.row_moves.inc()
@@ -491,6 +497,7 @@ class Scheduler:
                 seq.length += 1
                 seq.slot.length = seq.length
                 seq.logits = row_logits
+                self._wrote(seq.slot.index, seq.length)
         else:
             for seq in decoding:
                 rope = None
@@ -539,6 +546,29 @@ class Scheduler:
             self._tick += 1
             seq.slot.tick = self._tick
 
+    def _trim_prefix_cache(self) -> None:
+        """Keep what idle slots hold within `prefix_cache_bytes`: empty the least recently used ones (their pages go
+        back to the system), and give back what a slot holds past its length (left by a longer sequence)."""
+        if self.slab is None or self.prefix_cache_bytes is None:
+            return
+        idle = sorted((slot for slot in self.slots if slot.owner is None and slot.length > 0), key=lambda s: s.tick)
+        per_token = self.engine.kv_bytes_per_token
+        held = sum(slot.length for slot in idle) * per_token
+        for slot in idle:
+            if held <= self.prefix_cache_bytes:
+                break
+            held -= slot.length * per_token
+            slot.length = 0
+            self.metrics.prefix_evictions.inc()
+        for slot in self.slots:
+            if slot.owner is None and self._written[slot.index] > slot.length:
+                self.slab.release(slot.index, keep=slot.length)
+                self._written[slot.index] = slot.length
+
+    def _wrote(self, row: int, end: int) -> None:
+        if end > self._written[row]:
+            self._written[row] = end
+
     def _end(self, job: Job, error: Exception | None = None) -> None:
         if job.ended:
             return
@@ -548,6 +578,7 @@ class Scheduler:
                 self._retire(seq)
                 if seq.slot is not None and seq.slot.length > seq.length:
                     seq.slot.length = seq.length
+        self._trim_prefix_cache()
         if job in self._active:
             self._active.remove(job)
         if job in self._waiting:

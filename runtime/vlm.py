@@ -79,7 +79,8 @@ class VisionLanguageModel:
         self.scheduler = Scheduler(
             self.engine, self.tokenizer, self.eos_token_ids, max_batch=engine_config.max_batch,
             kv_budget_bytes=engine_config.kv_budget_bytes, image_cache=self.image_cache,
-            vision_inputs=lambda image: self.family.vision_inputs(image.image, image.plan), metrics=self.metrics, default_max_tokens=self.defaults.max_tokens)
+            vision_inputs=lambda image: self.family.vision_inputs(image.image, image.plan), metrics=self.metrics,
+            default_max_tokens=self.defaults.max_tokens, prefix_cache_bytes=engine_config.prefix_cache_bytes)
 
     @functools.cached_property
     def max_token_chars(self) -> int:

@@ -258,3 +258,45 @@ def test_a_short_request_is_not_stuck_behind_an_image_prompt_and_streams_keep_de
         assert order[:order.index("image")].count("running") >= tiles
     finally:
         model.close()
+
+
+def test_the_prefix_cache_stays_within_its_size_and_keeps_the_latest_conversation(tiny_package, no_eos):
+    """Idle slots keep what they hold only up to prefix_cache_bytes: older conversations are emptied (their pages
+    given back), the latest one still answers its next turn from the cache."""
+    probe = VisionLanguageModel.load(tiny_package, engine_config=EngineConfig(max_batch=4))
+    per_token = probe.engine.kv_bytes_per_token
+    probe.close()
+    params = SamplingParams(temperature=0, max_tokens=6, logit_bias=no_eos)
+    conversations = [[user(f"Tell me something about the number {i}, at length, in three sentences.")]
+                     for i in range(4)]
+    model = VisionLanguageModel.load(tiny_package, engine_config=EngineConfig(max_batch=4,
+                                     prefix_cache_bytes=45 * per_token))  # one conversation, not two
+    try:
+        answers = []
+        for messages in conversations:
+            prompt = model.prepare(messages, params)
+            assert 23 < len(prompt.input_ids) + params.max_tokens <= 45
+            answers.append(model.tokenizer.decode([step.token for step in model.generate(prompt, params)]))
+            held = sum(slot.length for slot in model.scheduler.slots if slot.owner is None)
+            assert 0 < held * per_token <= 45 * per_token
+        assert model.metrics.prefix_evictions._value.get() == len(conversations) - 1
+        follow_up = conversations[-1] + [{"role": "assistant", "content": answers[-1]}, user("Why?")]
+        prompt = model.prepare(follow_up, params)
+        ends, done = [], threading.Event()
+
+        def emit(event):
+            if isinstance(event, JobEnd):
+                ends.append(event)
+                done.set()
+
+        model.submit(prompt, params, emit)
+        assert done.wait(60)
+        assert ends[0].cached_tokens > 15  # the latest conversation was kept
+        first = model.prepare(conversations[0] + [{"role": "assistant", "content": answers[0]}, user("Why?")], params)
+        ends.clear()
+        done.clear()
+        model.submit(first, params, emit)
+        assert done.wait(60)
+        assert ends[0].cached_tokens == 0  # the oldest one was emptied
+    finally:
+        model.close()
