@@ -160,7 +160,8 @@ def test_every_weight_matmul_is_quantized(quantized, tiny_package_portable, grap
     left = [(item.op_type, item.node) for item in report.left_in_float]
     assert left == ([("Conv", "/patch_embedding/Conv")] if graph == "vision_encoder" else [])
     if not dynamic:
-        assert report.contrib_ops == ["MatMulNBits"]
+        # the vision tower's tanh GELU is onnxruntime's FastGelu from the fp32 export on
+        assert report.contrib_ops == (["FastGelu", "MatMulNBits"] if graph == "vision_encoder" else ["MatMulNBits"])
         bits = {}
         for node in onnx.load(str(path)).graph.node:
             if node.op_type == "MatMulNBits":
