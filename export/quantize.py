@@ -105,7 +105,8 @@ class QuantOptions:
     # kernels holds a float scale and a float block sum per block: 6 bits a weight at block 32, 5 at block 64
     # (llama.cpp's Q4_0: 4.5). Block 64 decodes ~8% faster than 32 (SmolVLM-256M dimensions, 2 cores) at the same
     # quality once GPTQ places the weights (text top-1 87.0% vs 86.3%, benchmarks/QUALITY.md, round 3).
-    int4_block_size: int = 64
+    # None: 64 where GPTQ runs, 32 with round to nearest (which loses more at 64: benchmarks/QUALITY.md round 3)
+    int4_block_size: int | None = None
     symmetric: bool = True
     accuracy_level: int | None = 4  # 4: int8 activations inside the kernel; None/0: float (8-bit: ~10x slower)
     # int4 decoder weights: "rtn" (round to nearest on MatMulNBits' grid: uint4 zero points when asymmetric) or
@@ -113,9 +114,12 @@ class QuantOptions:
     # or calibrated on the fp32 package, same grid and kernel as "rtn" (export/int4_search.py): "search"
     # (importance-weighted scale/zero-point search per block) or "gptq" (Hessian-based error compensation)
     # "auto" (the default): "gptq" for a decoder whose fp32 package is at hand (int4_calibration_package, or the
-    # package folder the graph lies in, as in export_package), "rtn" otherwise (a lone graph file) - the report says
-    # which one ran.
+    # package folder the graph lies in, as in export_package) and whose Hessians fit `gptq_memory_bytes`, "rtn"
+    # otherwise (a lone graph file; a model too large) - the report says which one ran and why.
     int4_algorithm: str = "auto"
+    # GPTQ holds one float64 [K, K] matrix per distinct MatMul input of the whole decoder at once: 0.8 GB at
+    # SmolVLM-256M's size, ~20 GB at Qwen2-VL-2B's (its 8,960-wide down_proj inputs): "auto" stays with "rtn" above
+    gptq_memory_bytes: int = 4_000_000_000
     # gptq: quantize the columns in order of decreasing Hessian diagonal (act order; text top-1 79% -> 87%)
     int4_act_order: bool = True
     # calibrated int4_algorithm: the fp32 package to calibrate on (None: the folder of the graph being quantized)
@@ -747,6 +751,17 @@ def _nbits_quantizer(model, *, bits: int, options: QuantOptions, exclude=(), op_
     return model
 
 
+def _hessian_bytes(model) -> int:
+    """What GPTQ's Hessians of `model` would hold: float64 K × K for each distinct input of a MatMul with a constant
+    2-D weight (the MatMuls it would quantize; the lm_head's input counted too, as an upper bound)."""
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    widths = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and len(node.input) > 1 and len(shapes.get(node.input[1], [])) == 2:
+            widths[node.input[0]] = shapes[node.input[1]][0]
+    return sum(8 * k * k for k in widths.values())
+
+
 def _calibration_package(options: QuantOptions, source: Path | None) -> bool:
     """Whether a calibrated int4 algorithm has its fp32 package: the option's, or the one `source` lies in."""
     folder = options.int4_calibration_package or (Path(source).parent if source is not None else None)
@@ -755,13 +770,20 @@ def _calibration_package(options: QuantOptions, source: Path | None) -> bool:
 
 def _to_nbits(model, graph: str, bits: int, options: QuantOptions, report: QuantReport, source: Path | None = None):
     """Weight-only MatMulNBits for every MatMul with a constant weight (Gemm rewritten to MatMul first)."""
+    _promote_constant_weights(model)
+    _rewrite_gemm(model, report)
+    note = ""
     if bits == 4:  # the whole int4 graph, its 8-bit lm_head and 8-bit nodes too, at the int4 block
         algorithm = options.int4_algorithm
         if algorithm == "auto":
             algorithm = "gptq" if graph == "decoder" and _calibration_package(options, source) else "rtn"
-        options = dataclasses.replace(options, block_size=options.int4_block_size, int4_algorithm=algorithm)
-    _promote_constant_weights(model)
-    _rewrite_gemm(model, report)
+            need = _hessian_bytes(model) if algorithm == "gptq" else 0
+            if need > options.gptq_memory_bytes:
+                algorithm = "rtn"
+                note = (f" (GPTQ not run: its Hessians would hold {need / 1e9:.1f} GB, over gptq_memory_bytes "
+                        f"{options.gptq_memory_bytes / 1e9:g} GB)")
+        block = options.int4_block_size or (64 if algorithm in ("gptq", "search") else 32)
+        options = dataclasses.replace(options, block_size=block, int4_algorithm=algorithm)
     before = Counter(n.op_type for n in model.graph.node)
     head = _output_projection(model) if bits == 4 and options.int4_output_bits != 4 else None
     special = [head] if head else []
@@ -786,7 +808,7 @@ def _to_nbits(model, graph: str, bits: int, options: QuantOptions, report: Quant
     level = options.accuracy_level
     patterns = ", ".join(options.int4_8bit_nodes)
     algorithm = "HQQ (float zero points), " if bits == 4 and options.int4_algorithm == "hqq" else calibrated
-    report.method = (f"MatMulNBits {bits}-bit {algorithm}, block {options.block_size}, "
+    report.method = (f"MatMulNBits {bits}-bit {algorithm}{note}, block {options.block_size}, "
                      f"{'symmetric' if options.symmetric else 'asymmetric'}"
                      f"{f', accuracy_level {level}' if level else ''}"
                      f"{f'; output projection {options.int4_output_bits}-bit' if special else ''}"

@@ -117,3 +117,34 @@ def test_calibration_prompts_are_not_the_evaluation_prompts():
     spec.loader.exec_module(module)
     texts = {m["content"] for conv in s.calibration_conversations() for m in conv}
     assert not texts & set(module.TEXT_PROMPTS + module.IMAGE_PROMPTS)
+
+
+def test_int4_default_runs_gptq_in_a_package_and_rtn_where_its_hessians_would_not_fit(tiny_package_portable,
+                                                                                       tmp_path):
+    """The int4 default calibrates (GPTQ, block 64) on the fp32 package the decoder lies in; over the Hessian memory
+    bound, and for a lone graph file, it is round to nearest at block 32, and the report says why."""
+    import json
+    import shutil
+
+    import onnx
+
+    from edgevlm.export import quantize as q
+
+    decoder = json.loads((tiny_package_portable / "model.json").read_text())["graphs"]["decoder"]["file"]
+
+    def blocks(path):
+        return {a.i for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits"
+                for a in n.attribute if a.name == "block_size"}
+
+    report = q.quantize_graph(tiny_package_portable / decoder, tmp_path / "gptq.onnx", "int4", graph="decoder")
+    assert "GPTQ, act order" in report.method and blocks(tmp_path / "gptq.onnx") == {64}
+    report = q.quantize_graph(tiny_package_portable / decoder, tmp_path / "big.onnx", "int4", graph="decoder",
+                              options=q.QuantOptions(gptq_memory_bytes=1000))
+    assert "GPTQ not run: its Hessians would hold" in report.method and blocks(tmp_path / "big.onnx") == {32}
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    for f in tiny_package_portable.iterdir():
+        if f.name.startswith(decoder):
+            shutil.copy(f, lone / f.name)
+    report = q.quantize_graph(lone / decoder, tmp_path / "lone.onnx", "int4", graph="decoder")
+    assert "GPTQ" not in report.method and blocks(tmp_path / "lone.onnx") == {32}
