@@ -21,7 +21,8 @@ Modes (`quantize_graph(src, dst, mode, graph=...)`):
 - ``int4``: weight-only 4-bit `MatMulNBits` (block 64, symmetric, accuracy_level 4: int8 activations inside the
   kernel); the decoder's output projection (lm_head) is 8-bit (`int4_output_bits`). A decoder in a package (as
   `export_package` quantizes it, beside its fp32 graphs) is quantized by GPTQ with act order, calibrated on that
-  fp32 package (export/int4_search.py; `int4_algorithm="auto"`); a lone graph file by round to nearest. Measured on
+  fp32 package (export/int4_search.py; `int4_algorithm="auto"`); a lone graph file, or a decoder whose GPTQ
+  Hessians would exceed `gptq_memory_bytes` (the 2B-and-larger ones), by round to nearest at block 32. Measured on
   SmolLM2-135M's real text weights (benchmarks/QUALITY.md, "int4 plans" rounds 2-3): text top-1 agreement with
   fp32 87.0% (held-out 89.1%), KL 0.066, where round to nearest at block 32 gave 58%, KL 0.51; block 64 decodes
   ~8% faster than block 32 (fewer per-block scale and sum bytes read per token). Measured and not taken: a 4-bit
