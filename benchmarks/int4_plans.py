@@ -75,6 +75,9 @@ PLANS: dict[str, dict] = {
                          "_gptq": {"act_order": True}},
     "gptq-act-b128-lm4": {"int4_algorithm": "gptq", "block_size": 128, "int4_output_bits": 4,
                           "_gptq": {"act_order": True}},
+    "gptq-asym-act-b64": {"int4_algorithm": "gptq", "symmetric": False, "block_size": 64, "_gptq": {"act_order": True}},
+    "gptq-act-b64-qkv8": {"int4_algorithm": "gptq", "block_size": 64, "int4_8bit_nodes": QKV8,
+                          "_gptq": {"act_order": True}},
     "gptq-asym-act-b64-lm4": {"int4_algorithm": "gptq", "symmetric": False, "block_size": 64, "int4_output_bits": 4,
                               "_gptq": {"act_order": True}},
     # experiments: "_gptq" holds keyword arguments for export.int4_search.gptq (not QuantOptions fields)
