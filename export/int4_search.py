@@ -628,6 +628,15 @@ def quantize_matmuls(model, *, algorithm: str, block: int, symmetric: bool, accu
     return model, summary
 
 
+def calibration_package(options, source):
+    """The fp32 package a calibrated int4 algorithm calibrates on: `options.int4_calibration_package`, else the
+    folder the graph file `source` lies in; None when that folder holds no package (no model.json)."""
+    from pathlib import Path
+
+    package = options.int4_calibration_package or (Path(source).parent if source is not None else None)
+    return package if package is not None and (Path(package) / "model.json").is_file() else None
+
+
 def quantize_for_options(model, options, exclude, source, progress=None, **overrides) -> tuple[object, str]:
     """`quantize_matmuls` for export/quantize.py's QuantOptions (int4_algorithm "search" / "gptq"): calibrates on
     `options.int4_calibration_package`, else on the package the graph file `source` lies in. → (model, the
@@ -636,10 +645,11 @@ def quantize_for_options(model, options, exclude, source, progress=None, **overr
 
     from .quantize import QuantizationError
 
-    package = options.int4_calibration_package or (Path(source).parent if source is not None else None)
-    if package is None or not (Path(package) / "model.json").is_file():
+    package = calibration_package(options, source)
+    if package is None:
+        folder = options.int4_calibration_package or (Path(source).parent if source is not None else None)
         raise QuantizationError(f"int4_algorithm={options.int4_algorithm!r} calibrates on the fp32 package the "
-                                f"decoder belongs to: no model.json in {package} (set int4_calibration_package)")
+                                f"decoder belongs to: no model.json in {folder} (set int4_calibration_package)")
     if options.int4_algorithm == "gptq":
         overrides["gptq_options"] = {"act_order": options.int4_act_order, **(overrides.get("gptq_options") or {})}
     model, summary = quantize_matmuls(model, algorithm=options.int4_algorithm, block=options.block_size,

@@ -763,12 +763,6 @@ def _hessian_bytes(model) -> int:
     return sum(8 * k * k for k in widths.values())
 
 
-def _calibration_package(options: QuantOptions, source: Path | None) -> bool:
-    """Whether a calibrated int4 algorithm has its fp32 package: the option's, or the one `source` lies in."""
-    folder = options.int4_calibration_package or (Path(source).parent if source is not None else None)
-    return folder is not None and (Path(folder) / "model.json").is_file()
-
-
 def _to_nbits(model, graph: str, bits: int, options: QuantOptions, report: QuantReport, source: Path | None = None):
     """Weight-only MatMulNBits for every MatMul with a constant weight (Gemm rewritten to MatMul first)."""
     _promote_constant_weights(model)
@@ -777,7 +771,9 @@ def _to_nbits(model, graph: str, bits: int, options: QuantOptions, report: Quant
     if bits == 4:  # the whole int4 graph, its 8-bit lm_head and 8-bit nodes too, at the int4 block
         algorithm = options.int4_algorithm
         if algorithm == "auto":
-            algorithm = "gptq" if graph == "decoder" and _calibration_package(options, source) else "rtn"
+            from .int4_search import calibration_package
+
+            algorithm = "gptq" if graph == "decoder" and calibration_package(options, source) else "rtn"
             need = _hessian_bytes(model) if algorithm == "gptq" else 0
             if need > options.gptq_memory_bytes:
                 algorithm = "rtn"

@@ -203,30 +203,31 @@ class Engine:
         with images that comes first waits for it, and an error making it is that request's error. `opening` is set
         as onnxruntime starts the first session (it runs without the GIL from then on: other threads can work)."""
         self.package = package
-        options = ort.SessionOptions()
         self.threads = threads or physical_cores()
-        options.intra_op_num_threads = self.threads
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.enable_cpu_mem_arena = True
-        # No memory pattern: it preplans one block for all of a run's intermediates, which at SmolVLM-256M size
-        # held ~120 MB more per vision tile than allocating from the arena as tensors are made, and was no faster.
-        options.enable_mem_pattern = False
-        # Workers spin between the many small kernels of a decode step instead of sleeping and waking (~10% at
-        # SmolVLM-256M size); an idle server stops spinning as soon as no run is in flight.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        providers = _providers(device)
-        self._ort_device = "cuda" if device == "cuda" else "cpu"
 
+        def session_options(threads: int) -> ort.SessionOptions:
+            made = ort.SessionOptions()
+            made.intra_op_num_threads = threads
+            made.log_severity_level = 3
+            made.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            made.enable_cpu_mem_arena = True
+            # No memory pattern: it preplans one block for all of a run's intermediates, which at SmolVLM-256M size
+            # held ~120 MB more per vision tile than allocating from the arena as tensors are made, and was no
+            # faster.
+            made.enable_mem_pattern = False
+            # Workers spin between the many small kernels of a decode step instead of sleeping and waking (~10% at
+            # SmolVLM-256M size); an idle server stops spinning as soon as no run is in flight.
+            made.add_session_config_entry("session.intra_op.allow_spinning", "1")
+            return made
+
+        options = session_options(self.threads)
         # The embedding graph is a table lookup (a 2,043-token prompt's rows in ~1 ms): it runs on the calling thread
         # alone, without a pool of its own whose worker would spin after each decode step's lookup beside the
         # decoder's workers (no decode-speed change measurable on 2 cores within the machine's drift; one thread
         # fewer).
-        single = ort.SessionOptions()
-        single.intra_op_num_threads = 1
-        single.log_severity_level = 3
-        single.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        single.enable_mem_pattern = False
+        single = session_options(1)
+        providers = _providers(device)
+        self._ort_device = "cuda" if device == "cuda" else "cpu"
 
         def session(graph: str) -> ort.InferenceSession:
             if opening is not None:

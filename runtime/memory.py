@@ -68,12 +68,21 @@ def sparse(array: np.ndarray) -> bool:
     a KV slot made all of that slot's buffer resident (115 MB for one slot at SmolVLM-256M size, 0.5 s of page
     zeroing on its first use). In 4 KB pages, it costs what is written. True where the advice took effect.
     """
-    if _MADVISE is None or array.nbytes < 2 * mmap.PAGESIZE:
+    if array.nbytes < 2 * mmap.PAGESIZE:
+        return False
+    return _advise(array, _MADV_NOHUGEPAGE)
+
+
+def _advise(array: np.ndarray, advice: int | None) -> bool:
+    """madvise the whole pages inside `array`'s memory; True where it took effect."""
+    if _MADVISE is None or advice is None:
         return False
     start, page = array.ctypes.data, mmap.PAGESIZE
     first = -(-start // page) * page
     last = (start + array.nbytes) // page * page
-    return _MADVISE(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_NOHUGEPAGE) == 0
+    if last <= first:
+        return False
+    return _MADVISE(ctypes.c_void_p(first), ctypes.c_size_t(last - first), advice) == 0
 
 
 _MADV_DONTNEED = 4 if sys.platform.startswith("linux") else None
@@ -83,11 +92,4 @@ def discard(array: np.ndarray) -> bool:
     """Give a contiguous buffer's whole pages back to the system (an emptied KV row): they read as zeros after and
     cost memory again only when written. The partial pages at either end keep their contents. True where it took
     effect."""
-    if _MADVISE is None or _MADV_DONTNEED is None or not array.flags.c_contiguous:
-        return False
-    start, page = array.ctypes.data, mmap.PAGESIZE
-    first = -(-start // page) * page
-    last = (start + array.nbytes) // page * page
-    if last <= first:
-        return False
-    return _MADVISE(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0
+    return array.flags.c_contiguous and _advise(array, _MADV_DONTNEED)
