@@ -386,6 +386,16 @@ def _quantize_package(reference: ModelPackage, out_dir: Path, manifest: dict, pl
         entry.pop("external_data", None)
         entry.update(quant_report.manifest_entry())
         entry.update(_graph_io(out_dir / entry["file"]))
+    decoder = manifest["graphs"]["decoder"]
+    if plan.get("decoder") == "int4" and decoder.get("form") == "fused":
+        from .prefill_graph import write_prefill_graph
+
+        fields = write_prefill_graph(out_dir, decoder["file"])  # prompt chunks on int8 matrix units
+        if fields is not None:
+            decoder.update(fields)
+            progress(f"decoder: int8 prefill graph {fields['prefill']['file']} ({len(fields['prefill']['weights'])} "
+                     f"projections; int8 weights made at load: {fields['prefill']['derived_bytes'] / 1e6:.1f} MB in "
+                     "memory, none on disk)")
     manifest["quantization"] = quant if set(plan.values()) != {"fp32"} else "fp32"
     manifest["quantization_plan"] = dict(plan)
     return _write_package(out_dir, manifest)
@@ -398,6 +408,7 @@ def _write_package(folder: Path, manifest: dict, *, files_changed: bool = True) 
     package takes seconds)."""
     if files_changed:
         listed = [n for e in manifest["graphs"].values() for n in [e["file"], *e.get("external_data", [])]]
+        listed += [e["prefill"]["file"] for e in manifest["graphs"].values() if "prefill" in e]
         listed += [manifest["tokenizer"], manifest["chat_template"]]
         manifest["files"] = {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
                              for name in listed}

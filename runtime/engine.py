@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 import edgevlm
 
-from . import memory, rope
+from . import int8_prefill, memory, rope
 from .errors import ContextLengthError, InvalidRequestError, PackageError
 from .package import ModelPackage
 
@@ -48,6 +48,8 @@ class KVCache:
     # buffers each step cost ~0.1 ms, ORT-allocated logits another ~0.5 ms per step at SmolVLM-256M size).
     binding: object = field(default=None, repr=False, compare=False)
     logits: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # the int8 prefill graph's IOBinding over the same buffers (an int4 package's prompt chunks), made on first use
+    prefill_binding: object = field(default=None, repr=False, compare=False)
 
     @property
     def length(self) -> int:
@@ -95,6 +97,7 @@ class Slab:
         for buffer in self.keys + self.values:
             memory.sparse(buffer)  # resident as written, not in 2 MB pages (memory.py)
         self._bindings: dict[tuple[int, int], tuple[object, np.ndarray]] = {}
+        self._prefill_bindings: dict[int, object] = {}
 
     @property
     def nbytes(self) -> int:
@@ -115,21 +118,49 @@ class Slab:
             found = self._bindings[(lo, hi)] = (binding, logits)
         return found
 
-    def run(self, lo: int, inputs_embeds: np.ndarray, past: np.ndarray, rope: dict | None = None) -> np.ndarray:
+    def _prefill_binding(self, row: int):
+        binding = self._prefill_bindings.get(row)
+        if binding is None:
+            engine = self.engine
+            binding = self._prefill_bindings[row] = engine.prefill_decoder.io_binding()
+            for i in range(engine.num_layers):
+                for name, buffer in (("key", self.keys[i]), ("value", self.values[i])):
+                    view = ort.OrtValue.ortvalue_from_numpy(buffer[row:row + 1])
+                    binding.bind_ortvalue_input(f"past_key_values.{i}.{name}", view)
+                    binding.bind_ortvalue_output(f"present.{i}.{name}", view)
+        return binding
+
+    def run(self, lo: int, inputs_embeds: np.ndarray, past: np.ndarray, rope: dict | None = None, *,
+            logits: bool = True) -> np.ndarray | None:
         """Rows lo .. lo + B - 1 take `inputs_embeds` [B, S, hidden] after their `past` [B] cached positions (S > 1
         only for one row: GroupQueryAttention prefills one row at a time after a past). → logits [B, vocab] of each
         row's last new position (a copy). `rope`: an M-RoPE decoder's rotary feeds (`Engine.rope_feeds`); left out,
-        each row's tokens take 1-D positions at their KV positions."""
+        each row's tokens take 1-D positions at their KV positions.
+
+        A prompt chunk (S > 1) of a package with an int8 prefill graph runs there (`Engine.prefill_decoder`), which
+        gives no logits: with `logits=False` (a chunk before a prompt's last) all of it, else its first S − 1
+        positions, the last one going through the decoder graph for the logits. So every prompt position but the
+        prompt's last is computed by the int8 graph, however the prompt is cut into chunks. `logits=False` may
+        return None."""
         batch, seq = inputs_embeds.shape[:2]
         past = np.asarray(past, dtype=np.int32)
         if int(past.max()) + seq > self.capacity:
             raise ContextLengthError(f"a sequence needs {int(past.max()) + seq} positions, more than a KV slot's "
                                      f"{self.capacity}", param="messages")
+        engine = self.engine
+        if seq > 1 and engine.has_prefill_graph:
+            if engine.rotary == "mrope" and rope is None:
+                rope = engine.rope_feeds(past[:, None].astype(np.int64) + np.arange(seq))
+            if not logits:
+                engine.run_prefill(self._prefill_binding(lo), inputs_embeds, int(past[0]), rope)
+                return None
+            head, tail = engine.split_rope(rope, seq)
+            engine.run_prefill(self._prefill_binding(lo), inputs_embeds[:, :-1], int(past[0]), head)
+            return self.run(lo, inputs_embeds[:, -1:], past + (seq - 1), tail)
         binding, logits = self._binding(lo, lo + batch)
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
         binding.bind_cpu_input("seqlens_k", past + (seq - 1))
         binding.bind_cpu_input("total_sequence_length", np.array(int(past.max()) + seq, dtype=np.int32))
-        engine = self.engine
         if engine.rotary == "mrope":
             if rope is None:  # 1-D positions at each row's KV position
                 rope = engine.rope_feeds(past[:, None].astype(np.int64) + np.arange(seq))
@@ -197,7 +228,7 @@ def _providers(device: str) -> list[str]:
 
 class Engine:
     def __init__(self, package: ModelPackage, *, device: str = "cpu", threads: int | None = None,
-                 defer_vision: bool = False, opening: threading.Event | None = None):
+                 defer_vision: bool = False, opening: threading.Event | None = None, int8_prefill: bool = True):
         """`defer_vision` (CPU only): the vision encoder's session (~0.4 s of a 0.75 s SmolVLM-256M start) is made
         on first use or by `open_vision` (the server calls it on a thread right after it reports ready); a request
         with images that comes first waits for it, and an error making it is that request's error. `opening` is set
@@ -218,6 +249,11 @@ class Engine:
             # Workers spin between the many small kernels of a decode step instead of sleeping and waking (~10% at
             # SmolVLM-256M size); an idle server stops spinning as soon as no run is in flight.
             made.add_session_config_entry("session.intra_op.allow_spinning", "1")
+            # ...but only within a run: each session has its own pool, and workers still spinning after a decode step
+            # took a core from the next prompt chunk or vision tile of the other sessions (an int8 prefill of 1,139
+            # positions interleaved with decode steps: 0.75-0.84 s with spinning between runs, 0.65 s without; a
+            # back-to-back decode step 5.0-5.3 ms either way).
+            made.add_session_config_entry("session.force_spinning_stop", "1")
             return made
 
         options = session_options(self.threads)
@@ -263,10 +299,17 @@ class Engine:
         self._shrink_arena.add_run_config_entry("memory.enable_memory_arena_shrinkage",
                                                 "cpu:0" if device == "cpu" else "cpu:0;gpu:0")
         self._session = session
+        self._session_options = session_options
         self._vision: ort.InferenceSession | None = None
         self._vision_lock = threading.Lock()
+        # The int8 prefill graph (export/prefill_graph.py): CPU only (its MatMulIntegerToFloat weights are made on
+        # the host), the fused form's prompt chunks only.
+        self._prefill_spec = decoder.get("prefill") if int8_prefill and device == "cpu" else None
+        self._prefill: ort.InferenceSession | None = None
+        self._prefill_lock = threading.Lock()
         if not (defer_vision and device == "cpu"):  # on CUDA the provider check of every graph stays at load
             self.open_vision()
+            self.open_prefill()
         # The two text sessions are built side by side (onnxruntime holds no GIL while it builds one): the small
         # embedding graph on a thread of its own, beside the decoder's weight prepacking.
         embed: dict = {}
@@ -316,6 +359,60 @@ class Engine:
             if self._vision is None:
                 self._vision = self._session("vision_encoder")
             return self._vision
+
+    @property
+    def has_prefill_graph(self) -> bool:
+        """Whether prompt chunks run on the int8 prefill graph (`prefill_decoder`)."""
+        return self._prefill_spec is not None
+
+    @property
+    def prefill_decoder(self) -> ort.InferenceSession:
+        """The int8 prefill graph's session, made now if it was deferred (waiting for `open_prefill`)."""
+        return self._prefill or self.open_prefill()
+
+    def open_prefill(self) -> ort.InferenceSession | None:
+        """Make the int8 prefill graph's session (its int8 weights derived from the decoder's 4-bit blocks: ~0.8 s
+        at SmolVLM-256M size) if the package has one and it is not made yet; PackageError when it cannot be."""
+        if self._prefill_spec is None:
+            return None
+        with self._prefill_lock:
+            if self._prefill is None:
+                spec, folder = self._prefill_spec, self.package.path
+                options = self._session_options(self.threads)
+                try:
+                    files = {spec["derived_file"]: int8_prefill.derived_file(folder, spec)}
+                    files.update({name: np.memmap(folder / name, dtype=np.uint8, mode="r")
+                                  for name in spec.get("external_data", [])})
+                    options.add_external_initializers_from_files_in_memory(
+                        list(files), list(files.values()), [buffer.nbytes for buffer in files.values()])
+                    # onnxruntime copies what it needs from these buffers while it makes the session
+                    self._prefill = ort.InferenceSession(str(folder / spec["file"]), options,
+                                                         providers=["CPUExecutionProvider"])
+                except (OSError, KeyError, ValueError, ort.capi.onnxruntime_pybind11_state.Fail,
+                        ort.capi.onnxruntime_pybind11_state.InvalidGraph) as exc:
+                    raise PackageError(f"model package {folder}: cannot load the int8 prefill graph: {exc}") from None
+            return self._prefill
+
+    def split_rope(self, rope: dict | None, seq: int) -> tuple[dict | None, dict | None]:
+        """A prompt chunk's rotary feeds cut into its first seq − 1 positions and its last one (the position rows
+        index the same cos/sin tables)."""
+        if rope is None:
+            return None, None
+        head, tail = dict(rope), dict(rope)
+        head["position_ids"] = np.ascontiguousarray(rope["position_ids"][..., :seq - 1])
+        tail["position_ids"] = np.ascontiguousarray(rope["position_ids"][..., seq - 1:])
+        return head, tail
+
+    def run_prefill(self, binding, inputs_embeds: np.ndarray, past: int, rope: dict | None) -> None:
+        """One row's prompt positions through the int8 prefill graph, after `past` cached positions; it writes their
+        keys and values in place (the binding's buffers) and gives no logits."""
+        seq = inputs_embeds.shape[1]
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
+        binding.bind_cpu_input("seqlens_k", np.array([past + seq - 1], dtype=np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(past + seq, dtype=np.int32))
+        for name, value in (rope or {}).items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        self.prefill_decoder.run_with_iobinding(binding, self._shrink_arena if seq >= 255 else None)
 
     def rope_feeds(self, positions: np.ndarray, *, three_d: bool = False) -> dict[str, np.ndarray]:
         """The rotary inputs of an M-RoPE decoder: `positions` [B, S] (1-D positions: text, decode steps), or with
@@ -461,6 +558,19 @@ class Engine:
             # Round up to 256 positions so short growth steps do not reallocate every call.
             wanted = max(total + reserve, 2 * cache.capacity, -(-total // 256) * 256)
             cache = self._allocate_cache(batch, min(wanted, self.max_kv_length), cache)
+        if seq > 1 and batch == 1 and self.has_prefill_graph:  # a prompt: all but its last position in int8
+            if self.rotary == "mrope" and rope is None:
+                rope = self.rope_feeds(np.broadcast_to(np.arange(total - seq, total), (batch, seq)))
+            head, tail = self.split_rope(rope, seq)
+            if cache.prefill_binding is None:
+                cache.prefill_binding = self.prefill_decoder.io_binding()
+                for i in range(self.num_layers):
+                    for name, buffer in (("key", cache.keys[i]), ("value", cache.values[i])):
+                        cache.prefill_binding.bind_ortvalue_input(f"past_key_values.{i}.{name}", buffer)
+                        cache.prefill_binding.bind_ortvalue_output(f"present.{i}.{name}", buffer)
+            self.run_prefill(cache.prefill_binding, inputs_embeds[:, :-1], total - seq, head)
+            cache.used = total - 1
+            return self._forward_fused(inputs_embeds[:, -1:], cache, reserve, tail)
         binding = cache.binding
         if binding is None:
             binding = cache.binding = self.decoder.io_binding()

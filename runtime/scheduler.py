@@ -399,7 +399,7 @@ class Scheduler:
         positions = job.prompt.positions
         rope = self.engine.rope_feeds(positions[0][:, begin:end], three_d=True) if positions is not None else None
         if self.fused:
-            logits = self.slab.run(primary.slot.index, embeds, np.array([begin]), rope)
+            logits = self.slab.run(primary.slot.index, embeds, np.array([begin]), rope, logits=end == len(job.ids))
             primary.slot.key[begin:end] = job.prompt.key[begin:end]
             primary.slot.length = end
             self._wrote(primary.slot.index, end)

@@ -280,16 +280,19 @@ def make_app(config: ServerConfig, *, loader: Callable[[], VisionLanguageModel] 
 
 def _open_vision(model: VisionLanguageModel) -> None:
     """Make the vision encoder's session on a thread, after ready (a deferred one: `Engine(defer_vision=True)`;
-    0.4 s of a SmolVLM-256M start): a request with images that comes first waits for it on the engine's thread."""
+    0.4 s of a SmolVLM-256M start), then an int4 package's int8 prefill graph (~1 s): a request with images, or any
+    prompt, that comes first waits for them on the engine's thread."""
     engine = getattr(model, "engine", None)
     if engine is None or not hasattr(engine, "open_vision"):
         return
 
     def run() -> None:
-        try:
-            engine.open_vision()
-        except EdgeVLMError as exc:  # each request with images gets this error too
-            print(f"edgevlm: error: {exc.message}", file=sys.stderr, flush=True)
+        for open_session in (engine.open_vision, getattr(engine, "open_prefill", None)):
+            try:
+                if open_session is not None:
+                    open_session()
+            except EdgeVLMError as exc:  # each request that needs the session gets this error too
+                print(f"edgevlm: error: {exc.message}", file=sys.stderr, flush=True)
 
     threading.Thread(target=run, name="edgevlm-vision", daemon=True).start()
 

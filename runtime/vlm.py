@@ -49,7 +49,7 @@ class VisionLanguageModel:
         def build() -> None:
             try:
                 built["engine"] = Engine(package, device=device, threads=threads, defer_vision=defer_vision,
-                                         opening=opening)
+                                         opening=opening, int8_prefill=engine_config.int8_prefill)
             except BaseException as exc:
                 built["error"] = exc
             finally:

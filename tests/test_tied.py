@@ -85,7 +85,8 @@ def test_tied_package_stores_the_table_once(packages):
     tied, untied = packages["tied"], packages["untied"]
     manifest = json.loads((tied / "model.json").read_text())
     assert manifest["graphs"]["embed_tokens"]["external_data"] == [TIED_FILE]
-    assert manifest["graphs"]["decoder"]["external_data"] == [TIED_FILE]
+    # the decoder's other weights are in its own data file (which its int8 prefill graph reads too)
+    assert TIED_FILE in manifest["graphs"]["decoder"]["external_data"]
     assert list(manifest["files"]).count(TIED_FILE) == 1
     assert "external_data" not in json.loads((untied / "model.json").read_text())["graphs"]["embed_tokens"]
     assert not (untied / TIED_FILE).exists()
