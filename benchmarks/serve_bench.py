@@ -10,7 +10,8 @@ Not in CI: --anchor llama.cpp builds and converts on first use, then caches in -
 /tmp/edgevlm-bench/llama.cpp), skipping what is already there:
 1. the llama.cpp source vendored in PyPI's llama-cpp-python sdist (`pip download llama-cpp-python==VERSION --no-deps
    --no-binary :all:`, extracted; --llama-cpp-python), or --llama-src DIR;
-2. `llama-server` and `llama-quantize`, CPU only (cmake Release, GGML_NATIVE, no curl/openssl/web UI download,
+2. `llama-server` and `llama-quantize`, CPU only (cmake Release, GGML_NATIVE — on a CPU with AMX every extension
+   but AMX instead, in WORKDIR/build-no-amx: ggml's AMX matmul crashed this llama.cpp — no curl/openssl/web UI download,
    static; 15 minutes on 2 busy cores) in WORKDIR/build;
 3. the checkpoint (--checkpoint, the HF Idefics3 checkpoint the package was exported from; default the random
    SmolVLM-256M-dimension one benchmarks/bench.py builds) to GGUF with the sdist's convert_hf_to_gguf.py (gguf-py
@@ -119,8 +120,27 @@ def llama_source(args, work: Path) -> Path:
     return src
 
 
+# ggml's AMX matmul (compiled in by GGML_NATIVE on a CPU with AMX) crashed this llama.cpp (SIGSEGV in
+# ggml_backend_amx_mul_mat at the server's first decode, SmolVLM-256M's Q4_0 text model, a 2-core Xeon with
+# amx_int8, 2026-12-02): on such a CPU the build names every ISA extension that GGML_NATIVE would find but AMX.
+NO_AMX_FLAGS = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+                "-DGGML_BMI2=ON", "-DGGML_AVX_VNNI=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON",
+                "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF",
+                "-DGGML_AMX_BF16=OFF"]
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return "amx_int8" in flags.split()
+
+
 def llama_build(src: Path, work: Path) -> tuple[Path, Path]:
-    build = work / "build"
+    amx = _cpu_has_amx()
+    build = work / ("build-no-amx" if amx else "build")
+    flags = [f for f in CMAKE_FLAGS if f != "-DGGML_NATIVE=ON"] + NO_AMX_FLAGS if amx else CMAKE_FLAGS
     server, quantize = build / "bin" / "llama-server", build / "bin" / "llama-quantize"
     if server.exists() and quantize.exists():
         return server, quantize
@@ -128,7 +148,7 @@ def llama_build(src: Path, work: Path) -> tuple[Path, Path]:
     if cache.exists() and f"CMAKE_HOME_DIRECTORY:INTERNAL={src.resolve()}\n" not in cache.read_text():
         shutil.rmtree(build)  # configured for another source tree: cmake would refuse it
     log(f"building llama-server and llama-quantize from {src} in {build} (CPU, -j{os.cpu_count()}; long)")
-    _run(["cmake", "-S", src, "-B", build, *CMAKE_FLAGS], work / "cmake-configure.log")
+    _run(["cmake", "-S", src, "-B", build, *flags], work / "cmake-configure.log")
     _run(["cmake", "--build", build, "--config", "Release", "--target", "llama-server", "llama-quantize",
           "-j", str(os.cpu_count() or 2)], work / "cmake-build.log")
     return server, quantize

@@ -408,6 +408,8 @@ def test_quantized_packages_quantize_the_vision_tower_and_serve(tiny_qwen, tmp_p
             {"type": "image_url", "image_url": {"url": _uri(picture(300, 200, 61))}},
             {"type": "text", "text": "What is it?"}]}], params)
         steps = list(vlm.generate(prompt, params))
+        # the prompt's M-RoPE rows went through the int8 prefill graph (export/prefill_graph.py) as well
+        assert vlm.engine.has_prefill_graph and vlm.engine._prefill is not None
     finally:
         vlm.close()
     assert prompt.image_tokens > 0 and len(steps) >= 1
