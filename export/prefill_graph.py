@@ -34,6 +34,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .quantize import point_external
+
 PREFILL_FILE = "decoder_prefill.onnx"
 # The int8 weights are not in any file: the prefill graph's MatMulIntegerToFloat weights name this external data
 # "file", which the runtime fills in memory at load from the decoder's 4-bit blocks (runtime/int8_prefill.py) and
@@ -57,18 +59,6 @@ def eligible(model) -> list:
         return []  # the fused form only (the portable decoder has no prefill/decode split)
     return nodes
 
-
-
-def _external(tensor, location: str, offset: int, length: int) -> None:
-    from onnx import TensorProto
-
-    for key in ("raw_data", "int32_data", "float_data", "int64_data", "double_data", "uint64_data"):
-        tensor.ClearField(key)
-    del tensor.external_data[:]
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-    tensor.data_location = TensorProto.EXTERNAL
 
 
 def _where(tensor) -> tuple[str, int, int]:
@@ -95,7 +85,7 @@ def _externalize(model, folder: Path, data_name: str, threshold: int = 1024, for
             offset = -(-f.tell() // align) * align
             f.seek(offset)
             f.write(raw)
-            _external(tensor, data_name, offset, len(raw))
+            point_external(tensor, data_name, offset, len(raw))
 
 
 def _prune(graph, outputs: set[str]) -> None:
@@ -115,9 +105,9 @@ def _prune(graph, outputs: set[str]) -> None:
     graph.output.extend(outs)
 
 
-def build_prefill_model(decoder, folder: Path, keep: tuple[str, ...] = ()) -> tuple[object, list[dict]]:
+def build_prefill_model(decoder) -> tuple[object, list[dict]]:
     """(the prefill ModelProto, the derivation table) for `decoder`, an onnx ModelProto whose 4-bit weights and
-    block scales are external (in files under `folder`). Each table row: where a 4-bit B tensor and its scales lie
+    block scales are external. Each table row: where a 4-bit B tensor and its scales lie
     ({file, offset} each, shapes, the scales' dtype), K, and the offsets of its int8 [K, N] weight and float32 [N]
     column scales in `DERIVED_FILE`."""
     import onnx
@@ -131,7 +121,7 @@ def build_prefill_model(decoder, folder: Path, keep: tuple[str, ...] = ()) -> tu
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
-    replace = {n.output[0]: n for n in targets if not any(k in n.name for k in keep)}
+    replace = {n.output[0]: n for n in targets}
     consts = [
         helper.make_tensor("pf/inv127", TensorProto.FLOAT, [], [1 / 127]),
         helper.make_tensor("pf/tiny", TensorProto.FLOAT, [], [1e-30]),
@@ -214,14 +204,14 @@ def build_prefill_model(decoder, folder: Path, keep: tuple[str, ...] = ()) -> tu
     for row, w8, column in table:
         if w8.name in kept:
             row["w8"], row["c"] = place(w8.dims[0] * w8.dims[1]), place(4 * column.dims[0])
-            _external(kept[w8.name], DERIVED_FILE, row["w8"], w8.dims[0] * w8.dims[1])
-            _external(kept[column.name], DERIVED_FILE, row["c"], 4 * column.dims[0])
+            point_external(kept[w8.name], DERIVED_FILE, row["w8"], w8.dims[0] * w8.dims[1])
+            point_external(kept[column.name], DERIVED_FILE, row["c"], 4 * column.dims[0])
             rows.append(row)
     graph.name = (graph.name or "decoder") + "_prefill"
     return model, rows
 
 
-def write_prefill_graph(folder: str | Path, decoder_file: str, keep: tuple[str, ...] = ()) -> dict | None:
+def write_prefill_graph(folder: str | Path, decoder_file: str) -> dict | None:
     """Give the int4 fused decoder in `folder` an int8 prefill graph (`PREFILL_FILE`) over the same weights.
 
     The decoder's inline weights move to one external file (`<decoder file>_data`, appended to when the graph has
@@ -233,17 +223,18 @@ def write_prefill_graph(folder: str | Path, decoder_file: str, keep: tuple[str, 
     folder = Path(folder)
     path = folder / decoder_file
     decoder = onnx.load(str(path), load_external_data=False)
-    if not eligible(decoder):
+    targets = eligible(decoder)
+    if not targets:
         return None
     data_name = decoder_file + "_data"
     producers = {out: node for node in decoder.graph.node for out in node.output}
     sources = set()  # the 4-bit blocks and their scales (through the float16 scales' Cast), which the runtime reads
-    for target in eligible(decoder):
+    for target in targets:
         for name in target.input[1:3]:
             sources.add(producers[name].input[0] if name in producers else name)
     _externalize(decoder, folder, data_name, force=frozenset(sources))
     onnx.save_model(decoder, str(path))
-    prefill, table = build_prefill_model(decoder, folder, keep)
+    prefill, table = build_prefill_model(decoder)
     onnx.save_model(prefill, str(folder / PREFILL_FILE))
     files = []
     for tensor in decoder.graph.initializer:

@@ -384,6 +384,20 @@ def _graph_files(path: Path) -> list[Path]:
     return [path] + [path.parent / loc for loc in locations]
 
 
+def point_external(tensor, location: str, offset: int, length: int) -> None:
+    """Make initializer `tensor` an external reference to `length` bytes at `offset` of file `location` (beside
+    the graph), dropping any inline data."""
+    import onnx
+
+    for key in ("raw_data", "int32_data", "float_data", "int64_data", "double_data", "uint64_data"):
+        tensor.ClearField(key)
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+
+
 def _all_initializers(graph):
     yield from graph.initializer
     for node in graph.node:

@@ -76,7 +76,7 @@ def share_tied_table(folder: str | Path, embed_file: str, decoder_file: str) -> 
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from .quantize import _graph_files, _logits_producer, _save
+    from .quantize import _graph_files, _logits_producer, _save, point_external
 
     folder = Path(folder)
     decoder_path, embed_path = folder / decoder_file, folder / embed_file
@@ -128,13 +128,7 @@ def share_tied_table(folder: str | Path, embed_file: str, decoder_file: str) -> 
             placed.append((offset, len(raw)))
 
     def external(tensor, where):
-        for key in ("raw_data", "int32_data", "float_data", "int64_data", "double_data", "uint64_data"):
-            tensor.ClearField(key)
-        del tensor.external_data[:]
-        for key, value in (("location", TIED_FILE), ("offset", str(where[0])), ("length", str(where[1]))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
-        tensor.data_location = TensorProto.EXTERNAL
+        point_external(tensor, TIED_FILE, *where)
 
     for name, where in zip(names, placed):
         external(inits[name], where)

@@ -78,6 +78,17 @@ class KVCache:
         return KVCache(keys=[pick(k) for k in self.keys], values=[pick(v) for v in self.values], used=self.used)
 
 
+def shared_kv_binding(session: ort.InferenceSession, keys, values):
+    """An IOBinding of `session` (a fused decoder graph) with each layer's key and value buffer (OrtValues) bound
+    as both past and present: GroupQueryAttention sees the shared memory and writes only the new positions."""
+    binding = session.io_binding()
+    for i, (key, value) in enumerate(zip(keys, values)):
+        for name, buffer in (("key", key), ("value", value)):
+            binding.bind_ortvalue_input(f"past_key_values.{i}.{name}", buffer)
+            binding.bind_ortvalue_output(f"present.{i}.{name}", buffer)
+    return binding
+
+
 class Slab:
     """The fused decoder's KV cache for every running sequence: per layer, one preallocated key buffer and one value
     buffer of [slots, kv_heads, capacity, head_dim], a slot (row) per sequence.
@@ -106,28 +117,22 @@ class Slab:
     def _binding(self, lo: int, hi: int):
         found = self._bindings.get((lo, hi))
         if found is None:
-            engine = self.engine
-            binding = engine.decoder.io_binding()
-            logits = np.empty((hi - lo, 1, engine.package.text["vocab_size"]), np.float32)
+            binding = shared_kv_binding(self.engine.decoder, *self._views(lo, hi))
+            logits = np.empty((hi - lo, 1, self.engine.package.text["vocab_size"]), np.float32)
             binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-            for i in range(engine.num_layers):
-                for name, buffer in (("key", self.keys[i]), ("value", self.values[i])):
-                    view = ort.OrtValue.ortvalue_from_numpy(buffer[lo:hi])  # rows lo..hi-1, no copy
-                    binding.bind_ortvalue_input(f"past_key_values.{i}.{name}", view)
-                    binding.bind_ortvalue_output(f"present.{i}.{name}", view)
             found = self._bindings[(lo, hi)] = (binding, logits)
         return found
+
+    def _views(self, lo: int, hi: int) -> tuple[list, list]:
+        """Rows lo..hi-1 of every layer's keys and values as OrtValues (no copy)."""
+        return ([ort.OrtValue.ortvalue_from_numpy(k[lo:hi]) for k in self.keys],
+                [ort.OrtValue.ortvalue_from_numpy(v[lo:hi]) for v in self.values])
 
     def _prefill_binding(self, row: int):
         binding = self._prefill_bindings.get(row)
         if binding is None:
-            engine = self.engine
-            binding = self._prefill_bindings[row] = engine.prefill_decoder.io_binding()
-            for i in range(engine.num_layers):
-                for name, buffer in (("key", self.keys[i]), ("value", self.values[i])):
-                    view = ort.OrtValue.ortvalue_from_numpy(buffer[row:row + 1])
-                    binding.bind_ortvalue_input(f"past_key_values.{i}.{name}", view)
-                    binding.bind_ortvalue_output(f"present.{i}.{name}", view)
+            binding = self._prefill_bindings[row] = shared_kv_binding(self.engine.prefill_decoder,
+                                                                       *self._views(row, row + 1))
         return binding
 
     def run(self, lo: int, inputs_embeds: np.ndarray, past: np.ndarray, rope: dict | None = None, *,
@@ -148,9 +153,9 @@ class Slab:
             raise ContextLengthError(f"a sequence needs {int(past.max()) + seq} positions, more than a KV slot's "
                                      f"{self.capacity}", param="messages")
         engine = self.engine
+        if engine.rotary == "mrope" and rope is None:  # 1-D positions at each row's KV position
+            rope = engine.rope_feeds(past[:, None].astype(np.int64) + np.arange(seq))
         if seq > 1 and engine.has_prefill_graph:
-            if engine.rotary == "mrope" and rope is None:
-                rope = engine.rope_feeds(past[:, None].astype(np.int64) + np.arange(seq))
             if not logits:
                 engine.run_prefill(self._prefill_binding(lo), inputs_embeds, int(past[0]), rope)
                 return None
@@ -162,8 +167,6 @@ class Slab:
         binding.bind_cpu_input("seqlens_k", past + (seq - 1))
         binding.bind_cpu_input("total_sequence_length", np.array(int(past.max()) + seq, dtype=np.int32))
         if engine.rotary == "mrope":
-            if rope is None:  # 1-D positions at each row's KV position
-                rope = engine.rope_feeds(past[:, None].astype(np.int64) + np.arange(seq))
             for name, value in rope.items():
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         engine.decoder.run_with_iobinding(binding, engine._shrink_arena if seq >= 256 else None)
@@ -558,36 +561,24 @@ class Engine:
             # Round up to 256 positions so short growth steps do not reallocate every call.
             wanted = max(total + reserve, 2 * cache.capacity, -(-total // 256) * 256)
             cache = self._allocate_cache(batch, min(wanted, self.max_kv_length), cache)
+        if self.rotary == "mrope" and rope is None:
+            rope = self.rope_feeds(np.broadcast_to(np.arange(total - seq, total), (batch, seq)))
         if seq > 1 and batch == 1 and self.has_prefill_graph:  # a prompt: all but its last position in int8
-            if self.rotary == "mrope" and rope is None:
-                rope = self.rope_feeds(np.broadcast_to(np.arange(total - seq, total), (batch, seq)))
             head, tail = self.split_rope(rope, seq)
             if cache.prefill_binding is None:
-                cache.prefill_binding = self.prefill_decoder.io_binding()
-                for i in range(self.num_layers):
-                    for name, buffer in (("key", cache.keys[i]), ("value", cache.values[i])):
-                        cache.prefill_binding.bind_ortvalue_input(f"past_key_values.{i}.{name}", buffer)
-                        cache.prefill_binding.bind_ortvalue_output(f"present.{i}.{name}", buffer)
+                cache.prefill_binding = shared_kv_binding(self.prefill_decoder, cache.keys, cache.values)
             self.run_prefill(cache.prefill_binding, inputs_embeds[:, :-1], total - seq, head)
             cache.used = total - 1
             return self._forward_fused(inputs_embeds[:, -1:], cache, reserve, tail)
         binding = cache.binding
         if binding is None:
-            binding = cache.binding = self.decoder.io_binding()
+            binding = cache.binding = shared_kv_binding(self.decoder, cache.keys, cache.values)
             cache.logits = np.empty((batch, 1, self.package.text["vocab_size"]), np.float32)
             binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(cache.logits))
-            # The same buffer as past and present: GroupQueryAttention sees the shared memory and writes only the
-            # new positions [past, total).
-            for i in range(self.num_layers):
-                for name, buffer in (("key", cache.keys[i]), ("value", cache.values[i])):
-                    binding.bind_ortvalue_input(f"past_key_values.{i}.{name}", buffer)
-                    binding.bind_ortvalue_output(f"present.{i}.{name}", buffer)
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
         binding.bind_cpu_input("seqlens_k", np.full((batch,), total - 1, dtype=np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
         if self.rotary == "mrope":
-            if rope is None:
-                rope = self.rope_feeds(np.broadcast_to(np.arange(total - seq, total), (batch, seq)))
             for name, value in rope.items():
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         # After a long prefill, hand its activation memory back: decode steps need a fraction of it.

@@ -32,27 +32,26 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return build_random_idefics3(SMOLVLM_CARD, tmp_path_factory.mktemp("tiny-smolvlm"), dims=TinyDims())
 
 
-@pytest.fixture(scope="session")
-def tiny_package(tiny_checkpoint, tmp_path_factory) -> Path:
+def export_tiny(checkpoint: Path, out: Path, **options) -> Path:
+    """Export `checkpoint` into `out` quietly (export_package's `options`), verified against transformers."""
     from edgevlm.export.convert import Progress, export_package
 
-    out = tmp_path_factory.mktemp("packages") / "tiny-smolvlm"
     with open(os.devnull, "w") as quiet:
-        package, report = export_package(str(tiny_checkpoint), out, progress=Progress(quiet))
+        package, report = export_package(str(checkpoint), out, progress=Progress(quiet), **options)
     assert report.ok, "\n".join(report.lines())
     return package.path
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tiny_checkpoint, tmp_path_factory) -> Path:
+    return export_tiny(tiny_checkpoint, tmp_path_factory.mktemp("packages") / "tiny-smolvlm")
 
 
 @pytest.fixture(scope="session")
 def tiny_package_portable(tiny_checkpoint, tmp_path_factory) -> Path:
     """The same checkpoint with the traced (onnx-community style) decoder instead of the default fused one."""
-    from edgevlm.export.convert import Progress, export_package
-
-    out = tmp_path_factory.mktemp("packages") / "tiny-smolvlm-portable"
-    with open(os.devnull, "w") as quiet:
-        package, report = export_package(str(tiny_checkpoint), out, decoder_form="portable", progress=Progress(quiet))
-    assert report.ok, "\n".join(report.lines())
-    return package.path
+    return export_tiny(tiny_checkpoint, tmp_path_factory.mktemp("packages") / "tiny-smolvlm-portable",
+                       decoder_form="portable")
 
 
 @pytest.fixture(scope="session")

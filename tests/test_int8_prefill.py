@@ -5,12 +5,12 @@ and a prompt's keys and values do not depend on how it is cut into chunks."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from conftest import export_tiny
 
 from edgevlm.runtime.engine import Engine
 from edgevlm.runtime.int8_prefill import column_int8
@@ -22,13 +22,7 @@ from edgevlm.runtime.vlm import VisionLanguageModel
 
 @pytest.fixture(scope="module")
 def int4_package(tiny_checkpoint, tmp_path_factory) -> Path:
-    from edgevlm.export.convert import Progress, export_package
-
-    out = tmp_path_factory.mktemp("int8-prefill") / "tiny-int4"
-    with open(os.devnull, "w") as quiet:
-        package, report = export_package(str(tiny_checkpoint), out, quant="int4", progress=Progress(quiet))
-    assert report.ok, "\n".join(report.lines())
-    return out
+    return export_tiny(tiny_checkpoint, tmp_path_factory.mktemp("int8-prefill") / "tiny-int4", quant="int4")
 
 
 def _manifest(path: Path) -> dict:
