@@ -396,6 +396,13 @@ def _quantize_package(reference: ModelPackage, out_dir: Path, manifest: dict, pl
             progress(f"decoder: int8 prefill graph {fields['prefill']['file']} ({len(fields['prefill']['weights'])} "
                      f"projections; int8 weights made at load: {fields['prefill']['derived_bytes'] / 1e6:.1f} MB in "
                      "memory, none on disk)")
+            # ...and, over the same external weights, the decoder with an int8 KV cache (a load-time choice)
+            from .kv_int8 import calibrate, write_int8_cache_graphs
+
+            amax, tokens = calibrate(reference.path)
+            decoder["kv_int8"] = write_int8_cache_graphs(out_dir, decoder, amax, tokens)
+            progress(f"decoder: int8 KV cache graph ({decoder['kv_int8']['file']}; steps calibrated on {tokens} "
+                     "tokens of the fp32 package; `edgevlm serve --kv-cache int8` takes them)")
     manifest["quantization"] = quant if set(plan.values()) != {"fp32"} else "fp32"
     manifest["quantization_plan"] = dict(plan)
     return _write_package(out_dir, manifest)
@@ -409,6 +416,8 @@ def _write_package(folder: Path, manifest: dict, *, files_changed: bool = True) 
     if files_changed:
         listed = [n for e in manifest["graphs"].values() for n in [e["file"], *e.get("external_data", [])]]
         listed += [e["prefill"]["file"] for e in manifest["graphs"].values() if "prefill" in e]
+        listed += [name for e in manifest["graphs"].values() if "kv_int8" in e
+                   for name in (e["kv_int8"]["file"], e["kv_int8"]["scales"]["file"])]
         listed += [manifest["tokenizer"], manifest["chat_template"]]
         manifest["files"] = {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
                              for name in listed}

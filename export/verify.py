@@ -31,10 +31,15 @@ class QuantQuality:
     logits_rel: float  # ... / max |fp32 logits|
     top1_agreement: float  # share of those positions whose argmax agrees
     kl: float  # mean KL(fp32 ‖ quantized) over those positions, nats
+    # the same package with its int8 KV cache graphs (export/kv_int8.py), where it has them
+    kv_int8_logits_rel: float | None = None
+    kv_int8_top1_agreement: float | None = None
+    kv_int8_kl: float | None = None
 
     @property
     def ok(self) -> bool:
-        return all(np.isfinite([self.features_rel, self.logits_max_abs, self.kl]))
+        return all(np.isfinite([self.features_rel, self.logits_max_abs, self.kl]
+                               + ([] if self.kv_int8_kl is None else [self.kv_int8_kl])))
 
     def lines(self) -> list[str]:
         return [
@@ -43,7 +48,10 @@ class QuantQuality:
             f"  prefill logits   max|Δ| = {self.logits_max_abs:.3e} ({self.logits_rel:.2%} of max|fp32|)",
             f"  top-1 agreement  {self.top1_agreement:.1%} of prompt positions; mean KL {self.kl:.4f} nats"
             + ("" if self.ok else "  FAIL (non-finite outputs)"),
-        ]
+        ] + ([] if self.kv_int8_kl is None else [
+            f"  with the int8 KV cache: max|Δ| {self.kv_int8_logits_rel:.2%} of max|fp32|, top-1 agreement "
+            f"{self.kv_int8_top1_agreement:.1%}, mean KL {self.kv_int8_kl:.4f} nats"
+            + ("" if np.isfinite(self.kv_int8_kl) else "  FAIL (non-finite outputs)")])
 
 
 @dataclass
@@ -194,23 +202,41 @@ def compare_packages(processor, reference: ModelPackage, package: ModelPackage, 
     input_ids = inputs["input_ids"].numpy()
     rope_positions = family.positions(model, inputs)[0] if hasattr(family, "positions") else None
     outputs = []
-    for pkg in (reference, package):
-        engine = Engine(pkg)
+    runs = [(reference, "float32"), (package, "float32")]
+    if "kv_int8" in package.graph("decoder"):
+        runs.append((package, "int8"))
+    for pkg, kv_cache in runs:
+        engine = Engine(pkg, kv_cache=kv_cache)
         features = family.package_features(engine, inputs)
         logits = position_logits(engine, input_ids, features, rope_positions=rope_positions)
         outputs.append((features.astype(np.float64), logits.astype(np.float64)))
-    (ref_features, ref_logits), (features, logits) = outputs
+    (ref_features, ref_logits), (features, logits) = outputs[:2]
 
     def log_softmax(x):
         x = x - x.max(-1, keepdims=True)
         return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
-    ref_logp, logp = log_softmax(ref_logits), log_softmax(logits)
-    kl = float((np.exp(ref_logp) * (ref_logp - logp)).sum(-1).mean())
+    ref_logp = log_softmax(ref_logits)
+
+    def kl(candidate):
+        return float((np.exp(ref_logp) * (ref_logp - log_softmax(candidate))).sum(-1).mean())
+
+    def top1(candidate):
+        return float((candidate.argmax(-1) == ref_logits.argmax(-1)).mean())
+
+    def rel(candidate):
+        return float(np.abs(candidate - ref_logits).max() / np.abs(ref_logits).max())
+
+    kv8 = {}
+    if len(outputs) == 3:
+        kv8_logits = outputs[2][1]
+        kv8 = {"kv_int8_logits_rel": rel(kv8_logits), "kv_int8_top1_agreement": top1(kv8_logits),
+               "kv_int8_kl": kl(kv8_logits)}
     return QuantQuality(
         features_rel=float(np.abs(features - ref_features).max() / np.abs(ref_features).max()),
         logits_max_abs=float(np.abs(logits - ref_logits).max()),
-        logits_rel=float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()),
-        top1_agreement=float((logits.argmax(-1) == ref_logits.argmax(-1)).mean()),
-        kl=kl,
+        logits_rel=rel(logits),
+        top1_agreement=top1(logits),
+        kl=kl(logits),
+        **kv8,
     )

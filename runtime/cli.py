@@ -224,6 +224,11 @@ def _add_serve(subparsers) -> None:
                        help="int4 packages: run prompts on the 4-bit weights instead of int8 weights made at load "
                             "(prefill ~2x slower on CPUs with int8 matrix units; ~150 MB less memory at "
                             "SmolVLM-256M size)")
+    group.add_argument("--kv-cache", choices=("auto", "float32", "int8"), default=engine.kv_cache,
+                       help="KV cache precision: int8 (int4 packages carry it) holds 4x the positions per "
+                            "--kv-budget-mb and decodes long contexts faster, at a small accuracy cost; float32 is "
+                            "the reference's; auto: int8 where the package has it, else float32 (README: KV cache "
+                            f"precision) (default {engine.kv_cache})")
     p.set_defaults(func=_run_serve)
 
 
@@ -241,7 +246,8 @@ def _engine_config(args):
     return EngineConfig(max_batch=args.max_batch, kv_budget_bytes=int(args.kv_budget_mb * 1e6),
                         image_cache_bytes=int(args.image_cache_mb * 1e6),
                         prefix_cache_bytes=int(args.prefix_cache_mb * 1e6),
-                        int8_prefill=getattr(args, "int8_prefill", True))
+                        int8_prefill=getattr(args, "int8_prefill", True),
+                        kv_cache=getattr(args, "kv_cache", "auto"))
 
 
 def server_config(args, path: Path):

@@ -12,13 +12,14 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 import edgevlm
 
-from . import int8_prefill, memory, rope
+from . import int8_prefill, kv_int8, memory, rope
 from .errors import ContextLengthError, InvalidRequestError, PackageError
 from .package import ModelPackage
 
@@ -156,11 +157,17 @@ class Slab:
         if engine.rotary == "mrope" and rope is None:  # 1-D positions at each row's KV position
             rope = engine.rope_feeds(past[:, None].astype(np.int64) + np.arange(seq))
         if seq > 1 and engine.has_prefill_graph:
+            head, tail = (rope, None) if not logits else engine.split_rope(rope, seq)
+            chunk = inputs_embeds if not logits else inputs_embeds[:, :-1]
+            if engine._kv_scratch is not None:  # an int8 cache: the chunk on a float32 copy of the row
+                engine._kv_scratch.run((id(self), lo), [k[lo:lo + 1] for k in self.keys],
+                                       [v[lo:lo + 1] for v in self.values], chunk, int(past[0]), head)
+                if logits:
+                    engine._kv_scratch.release()
+            else:
+                engine.run_prefill(self._prefill_binding(lo), chunk, int(past[0]), head)
             if not logits:
-                engine.run_prefill(self._prefill_binding(lo), inputs_embeds, int(past[0]), rope)
                 return None
-            head, tail = engine.split_rope(rope, seq)
-            engine.run_prefill(self._prefill_binding(lo), inputs_embeds[:, :-1], int(past[0]), head)
             return self.run(lo, inputs_embeds[:, -1:], past + (seq - 1), tail)
         binding, logits = self._binding(lo, lo + batch)
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
@@ -174,6 +181,7 @@ class Slab:
 
     def swap(self, a: int, b: int, length: int) -> None:
         """Exchange the first `length` positions of rows `a` and `b` (the scheduler keeps decoding rows packed)."""
+        self.engine.forget_prompt_rows()
         for buffers in (self.keys, self.values):
             for buffer in buffers:
                 held = buffer[a, :, :length].copy()
@@ -183,6 +191,7 @@ class Slab:
     def release(self, row: int, keep: int = 0) -> None:
         """Give back the memory of row `row`'s positions from `keep` on (an emptied slot, or what a shorter
         sequence left behind of a longer one): per layer and head, a contiguous run of positions."""
+        self.engine.forget_prompt_rows()
         if keep >= self.capacity:
             return
         for buffers in (self.keys, self.values):
@@ -193,6 +202,7 @@ class Slab:
     def copy(self, source: int, targets: list[int], length: int) -> None:
         """Give rows `targets` the first `length` positions of row `source` (a request's n choices after their one
         prefill): a copy within the slab, once per request."""
+        self.engine.forget_prompt_rows()
         for buffers in (self.keys, self.values):
             for buffer in buffers:
                 buffer[targets, :, :length] = buffer[source, :, :length]
@@ -231,7 +241,8 @@ def _providers(device: str) -> list[str]:
 
 class Engine:
     def __init__(self, package: ModelPackage, *, device: str = "cpu", threads: int | None = None,
-                 defer_vision: bool = False, opening: threading.Event | None = None, int8_prefill: bool = True):
+                 defer_vision: bool = False, opening: threading.Event | None = None, int8_prefill: bool = True,
+                 kv_cache: str = "float32"):
         """`defer_vision` (CPU only): the vision encoder's session (~0.4 s of a 0.75 s SmolVLM-256M start) is made
         on first use or by `open_vision` (the server calls it on a thread right after it reports ready); a request
         with images that comes first waits for it, and an error making it is that request's error. `opening` is set
@@ -268,11 +279,11 @@ class Engine:
         providers = _providers(device)
         self._ort_device = "cuda" if device == "cuda" else "cpu"
 
-        def session(graph: str) -> ort.InferenceSession:
+        def session(graph: str, path: Path | None = None) -> ort.InferenceSession:
             if opening is not None:
                 opening.set()
             try:
-                made = ort.InferenceSession(str(package.graph_path(graph)),
+                made = ort.InferenceSession(str(path or package.graph_path(graph)),
                                             single if graph == "embed_tokens" else options, providers=providers)
             except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
                 raise PackageError(f"model package {package.path}: cannot load the {graph} graph: {exc}") from None
@@ -287,6 +298,24 @@ class Engine:
         decoder = package.graph("decoder")
         self._kv_dtype = np.dtype(decoder.get("kv_dtype", "float32"))
         self.decoder_form = decoder.get("form", "portable")
+        decoder_path = None
+        # kv_cache "int8": the package's int8-cache variant of the fused decoder, over the same weights
+        # (export/kv_int8.py); "auto": that where the package has it (and the device runs it), else float32
+        if kv_cache == "auto":
+            kv_cache = "int8" if "kv_int8" in decoder and device == "cpu" else "float32"
+        self.kv_cache = kv_cache
+        if kv_cache == "int8":
+            variant = decoder.get("kv_int8")
+            if variant is None or device != "cpu":
+                raise PackageError(
+                    f"model package {package.path}: "
+                    + ("has no int8 KV cache graphs (int4 fused packages have them since they were added: "
+                       "re-export it, or serve it with --kv-cache float32)" if variant is None else
+                       "the int8 KV cache runs on the CPU only: serve it with --kv-cache float32 on CUDA"))
+            self._kv_dtype = np.dtype(variant["kv_dtype"])
+            decoder_path = package.path / variant["file"]
+        elif kv_cache != "float32":
+            raise PackageError(f"unknown KV cache type {kv_cache!r} (use auto, float32 or int8)")
         if self.decoder_form not in ("portable", "fused"):
             raise PackageError(f"model package {package.path}: unknown decoder form {self.decoder_form!r}")
         if device == "cuda" and self.decoder_form == "fused" and self._kv_dtype == np.float32:
@@ -310,6 +339,15 @@ class Engine:
         self._prefill_spec = decoder.get("prefill") if int8_prefill and device == "cpu" else None
         self._prefill: ort.InferenceSession | None = None
         self._prefill_lock = threading.Lock()
+        # An int8 KV cache: prompt chunks run on the float32-cache prefill graph over a float32 copy of the row and
+        # are stored as int8 (runtime/kv_int8.py); without a prefill graph they run on the int8-cache decoder.
+        self._kv_scratch = None
+        if kv_cache == "int8" and self._prefill_spec is not None:
+            try:
+                self._kv_scratch = kv_int8.PromptScratch(self, kv_int8.load_steps(package.path, decoder["kv_int8"]))
+            except (OSError, KeyError, ValueError) as exc:
+                raise PackageError(f"model package {package.path}: cannot read the int8 KV cache steps: {exc}") \
+                    from None
         if not (defer_vision and device == "cpu"):  # on CUDA the provider check of every graph stays at load
             self.open_vision()
             self.open_prefill()
@@ -326,7 +364,7 @@ class Engine:
         embed_thread = threading.Thread(target=build_embed, name="edgevlm-embed-session", daemon=True)
         embed_thread.start()
         try:
-            self.decoder = session("decoder")
+            self.decoder = session("decoder", decoder_path)
         finally:
             embed_thread.join()
         if "error" in embed:
@@ -395,6 +433,11 @@ class Engine:
                         ort.capi.onnxruntime_pybind11_state.InvalidGraph) as exc:
                     raise PackageError(f"model package {folder}: cannot load the int8 prefill graph: {exc}") from None
             return self._prefill
+
+    def forget_prompt_rows(self) -> None:
+        """KV rows moved or changed outside a prefill: an int8 cache's prompt copy is made again at the next chunk."""
+        if self._kv_scratch is not None:
+            self._kv_scratch.forget()
 
     def split_rope(self, rope: dict | None, seq: int) -> tuple[dict | None, dict | None]:
         """A prompt chunk's rotary feeds cut into its first seq − 1 positions and its last one (the position rows
@@ -565,9 +608,14 @@ class Engine:
             rope = self.rope_feeds(np.broadcast_to(np.arange(total - seq, total), (batch, seq)))
         if seq > 1 and batch == 1 and self.has_prefill_graph:  # a prompt: all but its last position in int8
             head, tail = self.split_rope(rope, seq)
-            if cache.prefill_binding is None:
-                cache.prefill_binding = shared_kv_binding(self.prefill_decoder, cache.keys, cache.values)
-            self.run_prefill(cache.prefill_binding, inputs_embeds[:, :-1], total - seq, head)
+            if self._kv_scratch is not None:  # an int8 cache: on a float32 copy (runtime/kv_int8.py)
+                self._kv_scratch.run(("cache", id(cache.keys[0])), [k.numpy() for k in cache.keys],
+                                     [v.numpy() for v in cache.values], inputs_embeds[:, :-1], total - seq, head)
+                self._kv_scratch.release()
+            else:
+                if cache.prefill_binding is None:
+                    cache.prefill_binding = shared_kv_binding(self.prefill_decoder, cache.keys, cache.values)
+                self.run_prefill(cache.prefill_binding, inputs_embeds[:, :-1], total - seq, head)
             cache.used = total - 1
             return self._forward_fused(inputs_embeds[:, -1:], cache, reserve, tail)
         binding = cache.binding

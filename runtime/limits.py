@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 
+KV_CACHE_TYPES = ("auto", "float32", "int8")
+
+
 def _check_positive(limits) -> None:
     for f in fields(limits):
         value = getattr(limits, f.name)
@@ -60,6 +63,13 @@ class EngineConfig:
     # int4 packages with an int8 prefill graph: prompt chunks on int8 weights made at load (~2x faster prefill,
     # ~150 MB more memory at SmolVLM-256M size); False keeps prompts on the 4-bit weights
     int8_prefill: bool = True
+    # KV cache precision. "int8": keys and values as int8 at per-channel steps calibrated at export (int4 packages
+    # carry the graph, export/kv_int8.py): 4x the positions per KV budget and faster decode at long context, at a
+    # small accuracy cost; "float32": the cache the reference model computes; "auto" (the default): int8 where the
+    # package has it (its int4 weights already trade accuracy for speed), else float32
+    kv_cache: str = "auto"
 
     def __post_init__(self):
         _check_positive(self)
+        if self.kv_cache not in KV_CACHE_TYPES:
+            raise ValueError(f"EngineConfig.kv_cache must be one of {', '.join(KV_CACHE_TYPES)}, got {self.kv_cache!r}")

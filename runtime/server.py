@@ -246,6 +246,7 @@ def make_app(config: ServerConfig, *, loader: Callable[[], VisionLanguageModel] 
                 model.warm_up()
                 state.fingerprint = api.system_fingerprint(model)
                 state.model = model
+                print(f"edgevlm: KV cache {model.engine.kv_cache}", flush=True)
                 print(f"edgevlm: model {model.name} ready", flush=True)
                 _open_vision(model)
                 app[WORKER].submit(lambda: model.grammars)  # next on the worker, before any request's work

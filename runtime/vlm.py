@@ -49,7 +49,8 @@ class VisionLanguageModel:
         def build() -> None:
             try:
                 built["engine"] = Engine(package, device=device, threads=threads, defer_vision=defer_vision,
-                                         opening=opening, int8_prefill=engine_config.int8_prefill)
+                                         opening=opening, int8_prefill=engine_config.int8_prefill,
+                                         kv_cache=engine_config.kv_cache)
             except BaseException as exc:
                 built["error"] = exc
             finally:
@@ -146,10 +147,13 @@ class VisionLanguageModel:
 
     @property
     def fingerprint(self) -> str:
-        """A digest of the package's files (OpenAI's system_fingerprint): the same weights give the same one."""
+        """A digest of the package's files and the KV cache precision (OpenAI's system_fingerprint: it changes with
+        what changes the outputs): the same weights served the same way give the same one."""
         digest = hashlib.sha256()
         for name, entry in sorted(self.package.manifest["files"].items()):
             digest.update(f"{name}:{entry['sha256']}".encode())
+        if self.engine.kv_cache != "float32":
+            digest.update(f"kv_cache:{self.engine.kv_cache}".encode())
         return digest.hexdigest()[:12]
 
     def warm_up(self) -> None:

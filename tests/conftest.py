@@ -48,6 +48,12 @@ def tiny_package(tiny_checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def int4_package(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint as an int4 package: fused decoder, int8 prefill graph, int8 KV cache graphs."""
+    return export_tiny(tiny_checkpoint, tmp_path_factory.mktemp("packages") / "tiny-int4", quant="int4")
+
+
+@pytest.fixture(scope="session")
 def tiny_package_portable(tiny_checkpoint, tmp_path_factory) -> Path:
     """The same checkpoint with the traced (onnx-community style) decoder instead of the default fused one."""
     return export_tiny(tiny_checkpoint, tmp_path_factory.mktemp("packages") / "tiny-smolvlm-portable",
@@ -107,7 +113,8 @@ class ServerProcess:
     def wait(self) -> int:
         """Wait for the process to exit by itself (after a signal the test sent); its exit code."""
         self.proc.wait(timeout=60)
-        self._reader.join(timeout=30)
+        if hasattr(self, "_reader"):  # not yet there when it failed to start
+            self._reader.join(timeout=30)
         return self.proc.returncode
 
 

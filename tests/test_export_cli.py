@@ -201,6 +201,9 @@ def test_quantized_export_records_each_graph_and_serves(tiny_checkpoint, tmp_pat
     assert package.graph("decoder")["form"] == "fused"  # the default form, quantized
     assert package.graph("embed_tokens")["quantization"] == "int4"
     assert manifest["verification"]["quantization_vs_fp32"]["top1_agreement"] > 0.5
+    # the int8 KV cache variant is measured against fp32 too (export/kv_int8.py)
+    assert "with the int8 KV cache" in result.stderr
+    assert manifest["verification"]["quantization_vs_fp32"]["kv_int8_top1_agreement"] > 0.5
     assert not (out / ".fp32-reference").exists()
     sizes = {g: (out / package.graph(g)["file"]).stat().st_size for g in ("decoder", "embed_tokens")}
     assert sizes["decoder"] < 0.35 * 13_000_000 and sizes["embed_tokens"] < 0.3 * 12_600_000

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
-from conftest import export_tiny
 
 from edgevlm.runtime.engine import Engine
 from edgevlm.runtime.int8_prefill import column_int8
@@ -18,11 +16,6 @@ from edgevlm.runtime.limits import EngineConfig
 from edgevlm.runtime.package import ModelPackage
 from edgevlm.runtime.sampling import SamplingParams
 from edgevlm.runtime.vlm import VisionLanguageModel
-
-
-@pytest.fixture(scope="module")
-def int4_package(tiny_checkpoint, tmp_path_factory) -> Path:
-    return export_tiny(tiny_checkpoint, tmp_path_factory.mktemp("int8-prefill") / "tiny-int4", quant="int4")
 
 
 def _manifest(path: Path) -> dict:
@@ -115,7 +108,7 @@ def test_a_prompt_cut_into_chunks_gets_the_same_keys(int4_package):
 
 def test_the_served_path_answers_a_long_prompt_as_the_engine_does(int4_package):
     """Through the scheduler (prompt chunks of 256 in the KV slab) and through Engine.greedy (one prefill)."""
-    model = VisionLanguageModel.load(int4_package, engine_config=EngineConfig(max_batch=2))
+    model = VisionLanguageModel.load(int4_package, engine_config=EngineConfig(max_batch=2, kv_cache="float32"))
     try:
         no_eos = {t: -100 for t in model.eos_token_ids}
         params = SamplingParams(temperature=0, max_tokens=12, logit_bias=no_eos)
