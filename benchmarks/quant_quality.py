@@ -63,12 +63,13 @@ def prompt_set() -> list[tuple[str, list[dict]]]:
     return prompts
 
 
-def run_package(path: Path, prompts) -> list[dict]:
+def run_package(path: Path, prompts, kv_cache: str = "float32") -> list[dict]:
     """Per prompt: teacher-forced logits at the last positions, and a greedy answer."""
     from edgevlm.export.verify import position_logits
+    from edgevlm.runtime.limits import EngineConfig
     from edgevlm.runtime.vlm import VisionLanguageModel
 
-    vlm = VisionLanguageModel.load(path)
+    vlm = VisionLanguageModel.load(path, engine_config=EngineConfig(kv_cache=kv_cache))
     out = []
     for kind, messages in prompts:
         prompt = vlm.prepare(messages)
@@ -129,6 +130,8 @@ def main() -> int:
     parser.add_argument("--checkpoint", help="HF checkpoint to export at --quant (the first plan is the reference)")
     parser.add_argument("--quant", nargs="+", default=["fp32", "int8", "int4"])
     parser.add_argument("--package", action="append", default=[], help="packages (the first is the reference)")
+    parser.add_argument("--int8-kv", action="append", default=[],
+                        help="also measure this package with its int8 KV cache (serve --kv-cache int8)")
     parser.add_argument("--workdir", default="/tmp/edgevlm-quant-quality")
     parser.add_argument("--output", help="also write the table (markdown) to this file")
     args = parser.parse_args()
@@ -148,23 +151,24 @@ def main() -> int:
 
     prompts = prompt_set()
     results = {}
-    for package in packages:
+    runs = [(package, "float32") for package in packages] + [(Path(p), "int8") for p in args.int8_kv]
+    for package, kv_cache in runs:
         start = time.perf_counter()
-        results[package] = run_package(package, prompts)
-        print(f"  {package.name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        results[(package, kv_cache)] = run_package(package, prompts, kv_cache)
+        print(f"  {package.name} ({kv_cache} KV): {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
-    reference = packages[0]
-    lines = [f"Reference: {reference.name}. {len(TEXT_PROMPTS)} text prompts and {len(IMAGE_PROMPTS)} prompts with "
+    reference = runs[0]
+    lines = [f"Reference: {reference[0].name}. {len(TEXT_PROMPTS)} text prompts and {len(IMAGE_PROMPTS)} prompts with "
              f"one image (one tile); logits at each prompt's last {POSITIONS} positions (teacher-forced); greedy "
              f"answers of {GREEDY_TOKENS} tokens.", "",
              "| package | prompts | max abs Δlogit | Δ / max abs logit | top-1 agreement | mean KL (nats) | "
              "greedy answers identical | common prefix / fp32 answer length (mean tokens) |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for package in packages[1:]:
+    for package, kv_cache in runs[1:]:
         manifest = json.loads((package / "model.json").read_text())
-        name = f"{package.name} ({manifest.get('quantization', '?')})"
+        name = f"{package.name} ({manifest.get('quantization', '?')}{', int8 KV' if kv_cache == 'int8' else ''})"
         for kind in ("text", "image", None):
-            m = compare(results[reference], results[package], kind)
+            m = compare(results[reference], results[(package, kv_cache)], kind)
             lines.append(f"| {name} | {kind or 'all'} ({m['prompts']}) | {m['max_abs']:.3f} | {m['rel']:.2%} | "
                          f"{m['top1']:.1%} | {m['kl']:.4f} | {m['greedy_identical']:.0%} | "
                          f"{m['common_prefix']:.1f} / {m['reference_length']:.1f} |")

@@ -19,8 +19,9 @@ Not in CI: --anchor llama.cpp builds and converts on first use, then caches in -
    `llama-quantize ... Q4_0`, and the vision tower + connector with `--mmproj --outtype q8_0`.
 
 Engines: the edgevlm package (--package, default the int4 one) through `python -m edgevlm.runtime.cli serve
---threads T`, and `llama-server -m TEXT_Q4_0 --mmproj MMPROJ_Q8_0 -t T -np 1 -fa X --cache-ram 0` for each X of --fa
-(its default is auto). --threads (default 2) goes to both. Each engine runs as its own server process, all of them
+--threads T --kv-cache K` for each K of --kv-cache (default auto: int8 for an int4 package), and `llama-server -m
+TEXT_Q4_0 --mmproj MMPROJ_Q8_0 -t T -np 1 -fa X --cache-ram 0 -ctk C -ctv C` for each X of --fa (its default is auto)
+and C of --llama-kv (f16, its default; q8_0 with -fa on only, as llama.cpp quantizes V only with flash attention). --threads (default 2) goes to both. Each engine runs as its own server process, all of them
 up for the whole run and idle while another is measured (an idle server uses no CPU: checked); a warm-up of each
 request kind first, then --repeats repetitions, engines interleaved within each (for rep: for engine: image, short
 text, long text). Every request is fresh (a new image / a new prompt), so no cache helps: llama-server also gets
@@ -336,7 +337,7 @@ def table(engines: list[Engine], anchors: list[Engine]) -> str:
     ours = [e for e in engines if e not in anchors]
     head = ["figure", *(e.name for e in ours)]
     if anchors:
-        head += [f"{ours[0].name} ÷ llama.cpp best", *(e.name for e in anchors)]
+        head += [*(f"{e.name} ÷ llama.cpp best" for e in ours), *(e.name for e in anchors)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, _, fmt, higher, values in FIGURES:
         medians = {e.name: _median(values(e)) for e in engines}
@@ -345,8 +346,9 @@ def table(engines: list[Engine], anchors: list[Engine]) -> str:
         if anchors:
             known = [medians[a.name] for a in anchors if medians[a.name] is not None]
             best = (max if higher else min)(known) if known else None
-            mine = medians[ours[0].name]
-            cells.append(f"{mine / best:.2f}×" if best and mine is not None else "-")
+            for e in ours:
+                mine = medians[e.name]
+                cells.append(f"{mine / best:.2f}×" if best and mine is not None else "-")
             for a in anchors:
                 value = medians[a.name]
                 text = fmt.format(value) if value is not None else "-"
@@ -356,7 +358,7 @@ def table(engines: list[Engine], anchors: list[Engine]) -> str:
     for kind, label in (("image", "prompt tokens, image request"), ("long", "prompt tokens, long text request"),
                         ("short", "prompt tokens, short text request")):
         cells = [label]
-        for e in ours + ([None] if anchors else []) + anchors:
+        for e in ours + ([None] * len(ours) if anchors else []) + anchors:
             if e is None:
                 cells.append("")
                 continue
@@ -364,7 +366,7 @@ def table(engines: list[Engine], anchors: list[Engine]) -> str:
             cells.append(", ".join(f"{c:,}" for c in counts) or "-")
         lines.append("| " + " | ".join(cells) + " |")
     cells = ["completion tokens per request (min-max; decode runs kept / runs)"]
-    for e in ours + ([None] if anchors else []) + anchors:
+    for e in ours + ([None] * len(ours) if anchors else []) + anchors:
         if e is None:
             cells.append("")
             continue
@@ -393,13 +395,14 @@ def package_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def edgevlm_engine(package: Path, threads: int) -> Engine:
+def edgevlm_engine(package: Path, threads: int, kv_cache: str = "auto") -> Engine:
     manifest = json.loads((package / "model.json").read_text())
     eos = manifest.get("tokens", {}).get("eos_token_ids", [])
     request = {"logit_bias": {str(t): -100 for t in eos}} if eos else {}
-    name = f"edgevlm {manifest.get('quantization', package.name)}"
+    name = f"edgevlm {manifest.get('quantization', package.name)}" + ("" if kv_cache == "auto" else f", {kv_cache} KV")
     return Engine(name, [sys.executable, "-u", "-m", "edgevlm.runtime.cli", "serve", "--model", str(package),
-                         "--host", "127.0.0.1", "--port", "{port}", "--threads", str(threads)],
+                         "--host", "127.0.0.1", "--port", "{port}", "--threads", str(threads),
+                         "--kv-cache", kv_cache],
                   package_bytes(package), request)
 
 
@@ -415,6 +418,10 @@ def main() -> int:
     parser.add_argument("--llama-src", help="an existing llama.cpp source tree instead of the sdist's")
     parser.add_argument("--fa", nargs="+", default=["on", "off"], choices=["on", "off", "auto"],
                         help="llama-server --flash-attn settings, one server each (default: on off)")
+    parser.add_argument("--kv-cache", nargs="+", default=["auto"], choices=["auto", "float32", "int8"],
+                        help="edgevlm's KV cache (serve --kv-cache): one server each (default auto)")
+    parser.add_argument("--llama-kv", nargs="+", default=["f16"], choices=["f16", "q8_0"],
+                        help="llama.cpp's KV cache types (-ctk/-ctv; q8_0 with -fa on only; default f16)")
     parser.add_argument("--threads", type=int, default=2, help="inference threads of every server (default 2)")
     parser.add_argument("--repeats", type=int, default=5, help="measured repetitions after the warm-up")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -429,7 +436,7 @@ def main() -> int:
     if not (package / "model.json").exists():
         raise SystemExit(f"no edgevlm package at {package}: --package")
     work = Path(args.workdir)
-    engines = [edgevlm_engine(package, args.threads)]
+    engines = [edgevlm_engine(package, args.threads, kv_cache) for kv_cache in args.kv_cache]
     anchors: list[Engine] = []
     version = ""
     if args.anchor == "llama.cpp":
@@ -442,12 +449,16 @@ def main() -> int:
             log(f"ready: {server_bin} ({version}), {text}, {mmproj}")
             return 0
         for fa in args.fa:
-            anchors.append(Engine(
-                f"llama.cpp Q4_0 -fa {fa}",
-                [str(server_bin), "-m", str(text), "--mmproj", str(mmproj), "--host", "127.0.0.1",
-                 "--port", "{port}", "-t", str(args.threads), "-np", "1", "-fa", fa, "--cache-ram", "0"],
-                text.stat().st_size + mmproj.stat().st_size,
-                {"extra_body": {"cache_prompt": False, "ignore_eos": True}}))
+            for cache in args.llama_kv:
+                if cache != "f16" and fa != "on":
+                    continue  # llama.cpp quantizes the V cache only with flash attention
+                anchors.append(Engine(
+                    f"llama.cpp Q4_0 -fa {fa}" + ("" if cache == "f16" else f", {cache} KV"),
+                    [str(server_bin), "-m", str(text), "--mmproj", str(mmproj), "--host", "127.0.0.1",
+                     "--port", "{port}", "-t", str(args.threads), "-np", "1", "-fa", fa, "--cache-ram", "0",
+                     "-ctk", cache, "-ctv", cache],
+                    text.stat().st_size + mmproj.stat().st_size,
+                    {"extra_body": {"cache_prompt": False, "ignore_eos": True}}))
         engines += anchors
     manifest = json.loads((package / "model.json").read_text())
     tokenizer = package / manifest.get("tokenizer", "tokenizer.json")
