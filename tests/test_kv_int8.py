@@ -96,6 +96,18 @@ def test_decoding_with_the_int8_cache_stays_close_to_the_float32_cache(int4_pack
     assert np.abs(exact - int8).max() < 0.08 * np.abs(exact).max()
 
 
+def test_without_the_prefill_graph_prompts_run_on_the_quantized_cache(int4_package):
+    package = ModelPackage.load(int4_package)
+    ids = _prompt(90)
+    with_copy, _ = Engine(package, threads=2, kv_cache="int8").prefill(ids)
+    engine = Engine(package, threads=2, kv_cache="int8", int8_prefill=False)
+    assert not engine.has_prefill_graph
+    direct, cache = engine.prefill(ids)
+    assert cache.keys[0].numpy().dtype == np.int8
+    # another route (4-bit weights, quantized past inside each chunk), the same answer within the int8 route's error
+    assert np.abs(direct - with_copy).max() < 0.1 * np.abs(with_copy).max()
+
+
 def test_chunking_barely_matters_and_batches_change_nothing(int4_package):
     """A chunk attends to the int8 past (dequantized) and to its own positions in float32, so a prompt cut into
     chunks stores almost the same int8 keys as in one piece; rows decoded together get what each gets alone."""

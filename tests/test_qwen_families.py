@@ -410,6 +410,8 @@ def test_quantized_packages_quantize_the_vision_tower_and_serve(tiny_qwen, tmp_p
         steps = list(vlm.generate(prompt, params))
         # the prompt's M-RoPE rows went through the int8 prefill graph (export/prefill_graph.py) as well
         assert vlm.engine.has_prefill_graph and vlm.engine._prefill is not None
+        # ...and it decodes on the int8 KV cache (export/kv_int8.py, calibrated on text for M-RoPE decoders)
+        assert vlm.engine.kv_cache == "int8" and "kv_int8" in package.graph("decoder")
     finally:
         vlm.close()
     assert prompt.image_tokens > 0 and len(steps) >= 1
