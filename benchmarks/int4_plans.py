@@ -76,6 +76,12 @@ PLANS: dict[str, dict] = {
     "gptq-act-b128-lm4": {"int4_algorithm": "gptq", "block_size": 128, "int4_output_bits": 4,
                           "_gptq": {"act_order": True}},
     "gptq-asym-act-b64": {"int4_algorithm": "gptq", "symmetric": False, "block_size": 64, "_gptq": {"act_order": True}},
+    "gptq-act-b64-noscale": {"int4_algorithm": "gptq", "block_size": 64, "int4_scale_alphas": (),
+                             "_gptq": {"act_order": True}},  # the default before activation-aware scaling
+    "gptq-act-b64-rtnpick": {"int4_algorithm": "gptq", "block_size": 64, "int4_scale_select": "rtn",
+                             "_gptq": {"act_order": True}},  # alpha picked by RTN's error, one GPTQ per MatMul
+    "gptq-act-b64-scale4": {"int4_algorithm": "gptq", "block_size": 64, "int4_scale_alphas": (0.0, 0.25, 0.5, 0.75),
+                            "_gptq": {"act_order": True}},
     "gptq-act-b64-qkv8": {"int4_algorithm": "gptq", "block_size": 64, "int4_8bit_nodes": QKV8,
                           "_gptq": {"act_order": True}},
     "gptq-asym-act-b64-lm4": {"int4_algorithm": "gptq", "symmetric": False, "block_size": 64, "int4_output_bits": 4,
@@ -152,6 +158,12 @@ def build(name: str, fields: dict, fp32: Path, int4: Path, workdir: Path) -> Pat
     seconds = time.perf_counter() - start
     entry = manifest["graphs"]["decoder"]
     entry.pop("external_data", None)
+    # the --int4 package's prefill and int8-cache graphs read its own decoder's weights: not the plan's
+    for derived in (entry.pop("prefill", None), entry.pop("kv_int8", None)):
+        for f in [derived["file"], derived.get("scales", {}).get("file")] if derived else []:
+            manifest["files"].pop(f, None)
+            if f and (tmp / f).exists():
+                (tmp / f).unlink()
     entry.update(report.manifest_entry())
     for f in [k for k in manifest["files"] if k.startswith(decoder_file)]:
         del manifest["files"][f]

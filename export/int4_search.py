@@ -551,14 +551,20 @@ def collect_hessians(model, package_dir, inputs: list[str], conversations: list[
 
 def quantize_matmuls(model, *, algorithm: str, block: int, symmetric: bool, accuracy_level: int | None,
                      package_dir, exclude=(), progress=None, answer_tokens: int = 0,
-                     gptq_options: dict | None = None, passes: int = 1) -> tuple[object, dict]:
+                     gptq_options: dict | None = None, passes: int = 1,
+                     scale_alphas: tuple[float, ...] = (), scale_select: str = "gptq") -> tuple[object, dict]:
     """Replace every MatMul with a constant 2-D float32 weight (names in `exclude` aside) by a 4-bit MatMulNBits
     quantized by `algorithm` ("search" or "gptq"), calibrated on the package in `package_dir` (the fp32 package the
     graph belongs to). → (model, summary: tokens, nodes, and the weighted errors against RTN).
 
     `passes=2` (gptq): calibrate again on the model quantized by the first pass, and quantize each weight again
     from the fp32 one so that the quantized inputs x_q best give the fp32 outputs x·W: GPTQ of
-    W' = (E[x_qᵀx_q] + λI)⁻¹ E[x_qᵀx] W under H = E[x_qᵀx_q] (the drift of earlier layers' errors compensated)."""
+    W' = (E[x_qᵀx_q] + λI)⁻¹ E[x_qᵀx] W under H = E[x_qᵀx_q] (the drift of earlier layers' errors compensated).
+
+    `scale_alphas` (gptq, one pass): activation-aware input scaling of the MatMuls fed by a norm or by act(gate)·up,
+    s = rms(x)^α per input channel with α from this grid (0: unscaled) giving the least output error; 1/s is folded
+    exactly into the norm's gamma or the up columns of gate_up (`_scalable_norms`, `_scalable_products`).
+    `scale_select="rtn"` picks α by round to nearest's output error and runs GPTQ once (export time as unscaled)."""
     from onnx import numpy_helper
 
     if algorithm not in ALGORITHMS:
@@ -572,19 +578,75 @@ def quantize_matmuls(model, *, algorithm: str, block: int, symmetric: bool, accu
     inputs = list(dict.fromkeys(node.input[0] for node in targets))
     sums, tokens = collect_hessians(model, package_dir, inputs, progress=progress, answer_tokens=answer_tokens)
     weights = [numpy_helper.to_array(inits[node.input[1]]).astype(np.float32) for node in targets]
+    gptq_options = dict(gptq_options or {})
+    # activation-aware input scaling (_scalable_*); not with passes > 1, whose second calibration would read inputs
+    # already divided by the first pass's scales and fold a second scale over them
+    if scale_select not in ("gptq", "rtn"):
+        raise ValueError(f"unknown scale_select {scale_select!r} (choose gptq or rtn)")
+    alphas = tuple(scale_alphas) if algorithm == "gptq" and passes == 1 else ()
+    norms = _scalable_norms(model, targets, inits) if alphas else {}
+    products = _scalable_products(model, targets, inits) if alphas else {}
+    scaled_gammas: dict[str, np.ndarray] = {}
+    scaled_count = [0]
+
+    def scaled_gptq(target, hessian):
+        """AWQ-style: x W = (x / s)(s W) with s = rms(x)^α per input channel; α from `alphas` minimising the
+        output error after GPTQ (α = 0: unscaled). → (scale or None, quant, scaled target, scaled hessian)."""
+        rms = np.sqrt(np.maximum(np.diagonal(hessian), 1e-12))
+        best = None
+        for alpha in alphas:
+            s_ = (rms ** alpha).astype(np.float32)
+            s_ /= np.sqrt(s_.max() * s_.min())
+            w_s, h_s = target * s_[:, None], hessian / np.outer(s_, s_)
+            q_s = rtn(w_s, block, symmetric) if scale_select == "rtn" else gptq(w_s, h_s, block, symmetric,
+                                                                                  **gptq_options)
+            err = output_error(w_s, q_s, h_s)
+            if best is None or err < best[0]:
+                best = (err, alpha, s_, q_s, w_s, h_s)
+        _, alpha, scale, quant, w_s, h_s = best
+        if scale_select == "rtn":
+            quant = gptq(w_s, h_s, block, symmetric, **gptq_options)
+        return (None if alpha == 0 else scale), quant, w_s, h_s
 
     def quantize_all(stats):
         errors = {"rtn": 0.0, algorithm: 0.0}
         replaced, new_inits = {}, []
-        for i, (node, w) in enumerate(zip(targets, weights)):
+        scaled_gammas.clear()
+        scaled_count[0] = 0
+
+        def inputs_of(node, w):
             if isinstance(stats[node.input[0]], tuple):  # second pass: inputs of the quantized model
                 hessian, cross = (m / max(tokens, 1) for m in stats[node.input[0]])
                 lam = 0.01 * np.mean(np.diagonal(hessian)) + 1e-12
-                target = np.linalg.solve(hessian + lam * np.eye(len(hessian)), cross @ w).astype(np.float32)
-            else:
-                hessian, target = stats[node.input[0]] / max(tokens, 1), w
-            if algorithm == "gptq":
-                quant = gptq(target, hessian, block, symmetric, **(gptq_options or {}))
+                return np.linalg.solve(hessian + lam * np.eye(len(hessian)), cross @ w).astype(np.float32), hessian
+            return w, stats[node.input[0]] / max(tokens, 1)
+
+        # down projections first: their input scaling divides the columns of the up projection before them
+        down, up_columns = {}, {}
+        if algorithm == "gptq":
+            for node, w in zip(targets, weights):
+                if node.name in products:
+                    down[node.name] = scaled_gptq(*inputs_of(node, w))
+                    if down[node.name][0] is not None:
+                        feeder, offset, width = products[node.name]
+                        up_columns[feeder] = (offset, width, down[node.name][0])
+        for i, (node, w) in enumerate(zip(targets, weights)):
+            target, hessian = inputs_of(node, w)
+            if node.name in up_columns:  # x (W / s) over the up columns: the down projection reads act ⊙ up / s
+                offset, width, col_scale = up_columns[node.name]
+                target = target.copy()
+                target[:, offset:offset + width] /= col_scale
+            scale = None
+            if node.name in down:
+                scale, quant, target, hessian = down[node.name]
+                scaled_count[0] += scale is not None
+            elif node.name in norms and algorithm == "gptq":  # 1/s folded into the norm's gamma
+                scale, quant, target, hessian = scaled_gptq(target, hessian)
+                if scale is not None:
+                    scaled_gammas[norms[node.name]] = scale
+                    scaled_count[0] += 1
+            elif algorithm == "gptq":
+                quant = gptq(target, hessian, block, symmetric, **gptq_options)
             else:
                 quant = search(target, np.diagonal(hessian), block, symmetric)
             errors["rtn"] += output_error(target, rtn(target, block, symmetric), hessian)
@@ -597,6 +659,10 @@ def quantize_matmuls(model, *, algorithm: str, block: int, symmetric: bool, accu
         return replaced, new_inits, errors
 
     def apply(into, replaced, new_inits):
+        for tensor in into.graph.initializer:  # the scaled inputs' norms divide by s
+            if tensor.name in scaled_gammas:
+                gamma = numpy_helper.to_array(tensor).astype(np.float32) / scaled_gammas[tensor.name]
+                tensor.CopyFrom(numpy_helper.from_array(gamma.astype(np.float32), tensor.name))
         nodes = [replaced.get(i, node) for i, node in enumerate(into.graph.node)]
         del into.graph.node[:]
         into.graph.node.extend(nodes)
@@ -624,8 +690,59 @@ def quantize_matmuls(model, *, algorithm: str, block: int, symmetric: bool, accu
         del quantized
         replaced, new_inits, errors = quantize_all(sums)
     model = apply(model, replaced, new_inits)
-    summary = {"tokens": tokens, "nodes": len(targets), "output_error": errors}
+    summary = {"tokens": tokens, "nodes": len(targets), "output_error": errors, "scaled": scaled_count[0]}
     return model, summary
+
+
+def _scalable_norms(model, targets, inits) -> dict[str, str]:
+    """{MatMul name: gamma initializer} for the targets whose input is a (Skip)SimplifiedLayerNormalization's first
+    output read by that MatMul alone, with a gamma of its own: there an input scaling folds into gamma exactly."""
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    gamma_uses = {name: len(nodes) for name, nodes in consumers.items()}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    found = {}
+    for node in targets:
+        if "lm_head" in node.name:  # a tied checkpoint's table is shared with the embeddings: never rescaled
+            continue
+        norm = producers.get(node.input[0])
+        if norm is None or norm.op_type not in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"):
+            continue
+        gamma = norm.input[2] if norm.op_type == "SkipSimplifiedLayerNormalization" else norm.input[1]
+        if norm.output[0] == node.input[0] and len(consumers[node.input[0]]) == 1 and gamma in inits \
+                and gamma_uses.get(gamma) == 1:
+            found[node.name] = gamma
+    return found
+
+
+def _scalable_products(model, targets, inits) -> dict[str, tuple[str, int, int]]:
+    """{down MatMul name: (gate_up MatMul name, offset, width)} for the targets that read Mul(act(gate), up) where
+    gate and up are a Split of one target MatMul's output: an input scaling of the down projection folds exactly
+    into the up columns [offset, offset + width) of that MatMul's weight."""
+    from onnx import numpy_helper
+
+    producers = {out: node for node in model.graph.node for out in node.output}
+    names = {node.name for node in targets}
+    found = {}
+    for node in targets:
+        mul = producers.get(node.input[0])
+        if mul is None or mul.op_type != "Mul":
+            continue
+        split = next((producers[i] for i in mul.input if i in producers and producers[i].op_type == "Split"), None)
+        if split is None or len(split.output) != 2 or len(split.input) < 2 or split.input[1] not in inits:
+            continue
+        up = split.output[1]
+        act = producers.get(next((i for i in mul.input if i != up), ""))
+        if up not in mul.input or act is None or act.input[0] != split.output[0]:
+            continue
+        feeder = producers.get(split.input[0])
+        sizes = numpy_helper.to_array(inits[split.input[1]])
+        if feeder is None or feeder.op_type != "MatMul" or feeder.name not in names or len(sizes) != 2:
+            continue
+        found[node.name] = (feeder.name, int(sizes[0]), int(sizes[1]))
+    return found
 
 
 def calibration_package(options, source):
@@ -652,6 +769,8 @@ def quantize_for_options(model, options, exclude, source, progress=None, **overr
                                 f"decoder belongs to: no model.json in {folder} (set int4_calibration_package)")
     if options.int4_algorithm == "gptq":
         overrides["gptq_options"] = {"act_order": options.int4_act_order, **(overrides.get("gptq_options") or {})}
+        overrides.setdefault("scale_alphas", options.int4_scale_alphas)
+        overrides.setdefault("scale_select", options.int4_scale_select)
     model, summary = quantize_matmuls(model, algorithm=options.int4_algorithm, block=options.block_size,
                                       symmetric=options.symmetric, accuracy_level=options.accuracy_level,
                                       package_dir=package, exclude=exclude, progress=progress, **overrides)
@@ -659,4 +778,6 @@ def quantize_for_options(model, options, exclude, source, progress=None, **overr
     ratio = errors[options.int4_algorithm] / errors["rtn"] if errors["rtn"] else 1.0
     name = {"search": "importance-weighted block search",
             "gptq": "GPTQ, act order" if options.int4_act_order else "GPTQ"}[options.int4_algorithm]
+    if summary.get("scaled"):
+        name += f", activation-aware input scaling on {summary['scaled']} MatMuls"
     return model, f"{name} (calibrated on {summary['tokens']} tokens; output error {ratio:.0%} of RTN's)"

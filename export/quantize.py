@@ -123,6 +123,15 @@ class QuantOptions:
     gptq_memory_bytes: int = 4_000_000_000
     # gptq: quantize the columns in order of decreasing Hessian diagonal (act order; text top-1 79% -> 87%)
     int4_act_order: bool = True
+    # gptq: activation-aware input scaling (export/int4_search.py): each MatMul fed by a norm (qkv, gate_up) or by
+    # act(gate) * up (down_proj) takes x W = (x / s)(s W), s = rms(x)^alpha per input channel with 1/s folded
+    # exactly into the norm's gamma / the up columns, alpha the one of these giving the least output error after
+    # GPTQ (0: unscaled). Real SmolLM2-135M text KL vs fp32 0.0665 -> 0.0512 (held-out 0.0740 -> 0.0681); the
+    # decoder's GPTQ ~4.7x longer (once per alpha). () turns it off.
+    int4_scale_alphas: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    # "rtn": pick each alpha by round to nearest's output error and run GPTQ once (decoder GPTQ ~1.5x instead of
+    # ~4.7x; KL 0.0601, held-out 0.0677: benchmarks/QUALITY.md round 4)
+    int4_scale_select: str = "gptq"
     # calibrated int4_algorithm: the fp32 package to calibrate on (None: the folder of the graph being quantized)
     int4_calibration_package: str | None = None
     int4_output_bits: int = 8  # bits for the decoder's output projection (lm_head) in int4 mode: 4 or 8

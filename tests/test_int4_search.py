@@ -148,3 +148,114 @@ def test_int4_default_runs_gptq_in_a_package_and_rtn_where_its_hessians_would_no
             shutil.copy(f, lone / f.name)
     report = q.quantize_graph(lone / decoder, tmp_path / "lone.onnx", "int4", graph="decoder")
     assert "GPTQ" not in report.method and blocks(tmp_path / "lone.onnx") == {32}
+
+
+@pytest.fixture(scope="module")
+def uneven_package(tiny_package, tmp_path_factory):
+    """The tiny fp32 package with uneven activations, as a trained model has: each layer's norm gammas and the up
+    half of its gate_up columns multiplied by exp(1.5 N(0, 1)) per channel (a valid model of its own; the oracle
+    of these tests is its fp32 logits). → (package, decoder file, number of layers)."""
+    import json
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from edgevlm.runtime.package import sha256_file
+
+    package = tmp_path_factory.mktemp("uneven") / "package"
+    shutil.copytree(tiny_package, package)
+    manifest = json.loads((package / "model.json").read_text())
+    decoder = manifest["graphs"]["decoder"]["file"]
+    model = onnx.load(str(package / decoder))
+    rng = np.random.default_rng(0)
+    for tensor in model.graph.initializer:
+        a = numpy_helper.to_array(tensor).astype(np.float32).copy()
+        if "layers." in tensor.name and "layernorm" in tensor.name:
+            a *= np.exp(1.5 * rng.standard_normal(a.shape)).astype(np.float32)
+        elif "gate_up_proj" in tensor.name:
+            a[:, a.shape[1] // 2:] *= np.exp(1.5 * rng.standard_normal(a.shape[1] // 2)).astype(np.float32)
+        else:
+            continue
+        tensor.CopyFrom(numpy_helper.from_array(a, tensor.name))
+    onnx.save(model, str(package / decoder))
+    manifest["files"][decoder] = {"bytes": (package / decoder).stat().st_size,
+                                  "sha256": sha256_file(package / decoder)}
+    (package / "model.json").write_text(json.dumps(manifest))
+    return package, decoder, manifest["text"]["num_layers"]
+
+
+def _prefill_logits(package):
+    from edgevlm.runtime.engine import Engine
+    from edgevlm.runtime.package import ModelPackage
+
+    ids = (np.arange(40) * 29 + 3) % 500 + 20
+    return Engine(ModelPackage.load(package, verify=False), threads=2).prefill(ids)[0]
+
+
+def _copy(package, to):
+    import shutil
+
+    shutil.copytree(package, to)
+    return to
+
+
+def test_activation_aware_scaling_folds_exactly_into_the_norms_and_up_columns(uneven_package, tmp_path,
+                                                                              monkeypatch):
+    """With the rounding taken out (each MatMulNBits written back as a float MatMul of the scaled weight it was
+    quantized from), the input scaling must leave the model's logits unchanged: 1/s folded into each norm's gamma
+    and into the up columns of gate_up, s into the weights. A fold left out or put in the wrong place moves them by
+    the scales themselves (here by ~1 in logits of ~1.6)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    package, decoder, layers = uneven_package
+    reference = _prefill_logits(package)
+    scaled_weights = {}
+    real_gptq = s.gptq
+
+    def keeping_gptq(w, hessian, *args, **kwargs):
+        quant = real_gptq(w, hessian, *args, **kwargs)
+        scaled_weights[id(quant)] = (quant, w.copy())
+        return quant
+
+    def float_matmul(node, weight_name, quant, k, accuracy_level):
+        init = numpy_helper.from_array(scaled_weights[id(quant)][1], weight_name + "_scaled")
+        return helper.make_node("MatMul", [node.input[0], init.name], list(node.output), name=node.name), [init]
+
+    monkeypatch.setattr(s, "gptq", keeping_gptq)
+    monkeypatch.setattr(s, "to_matmulnbits", float_matmul)
+    model, summary = s.quantize_matmuls(onnx.load(str(package / decoder)), algorithm="gptq", block=32,
+                                        symmetric=True, accuracy_level=None, package_dir=package,
+                                        scale_alphas=(1.0,))
+    assert summary["scaled"] == 3 * layers  # qkv (input norm), gate_up (post-attention norm), down (act * up)
+    out = _copy(package, tmp_path / "folded")
+    onnx.save(model, str(out / decoder))
+    logits = _prefill_logits(out)
+    assert np.abs(logits - reference).max() < 1e-4 * np.abs(reference).max()
+    gammas = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if "layernorm" in t.name}
+    original = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(package / decoder)).graph.initializer}
+    assert sum(not np.allclose(g, original[name]) for name, g in gammas.items()) == 2 * layers
+
+
+def test_activation_aware_scaling_lowers_the_4bit_error_where_activations_are_uneven(uneven_package, tmp_path):
+    """The default int4 plan (a grid of scaling exponents, the one with the least output error per MatMul after
+    GPTQ) and its faster variant (the exponent picked by round to nearest's error) against the same GPTQ unscaled,
+    end to end on the package's prefill logits."""
+    from edgevlm.export import quantize as q
+
+    package, decoder, layers = uneven_package
+    reference = _prefill_logits(package)
+    errors = {}
+    plans = (("default", q.QuantOptions()), ("rtn-select", q.QuantOptions(int4_scale_select="rtn")),
+             ("unscaled", q.QuantOptions(int4_scale_alphas=())))
+    for name, options in plans:
+        out = _copy(package, tmp_path / name)
+        report = q.quantize_graph(package / decoder, out / decoder, "int4", graph="decoder", options=options)
+        assert ("activation-aware input scaling" in report.method) == (name != "unscaled")
+        errors[name] = np.abs(_prefill_logits(out) - reference).max()
+    assert errors["default"] < 0.6 * errors["unscaled"]
+    assert errors["rtn-select"] < 0.6 * errors["unscaled"]
+    with pytest.raises(ValueError, match="scale_select"):
+        q.quantize_graph(package / decoder, tmp_path / "bad.onnx", "int4", graph="decoder",
+                         options=q.QuantOptions(int4_scale_select="best"))
