@@ -80,6 +80,10 @@ PLANS: dict[str, dict] = {
                              "_gptq": {"act_order": True}},  # the default before activation-aware scaling
     "gptq-act-b64-rtnpick": {"int4_algorithm": "gptq", "block_size": 64, "int4_scale_select": "rtn",
                              "_gptq": {"act_order": True}},  # alpha picked by RTN's error, one GPTQ per MatMul
+    "gptq-act-b64-rtnpick-refine32": {"int4_algorithm": "gptq", "block_size": 64, "int4_scale_select": "rtn",
+                                      "int4_output_topk": 32, "_gptq": {"act_order": True}},
+    "gptq-act-b64-rtnpick-lm4": {"int4_algorithm": "gptq", "block_size": 64, "int4_scale_select": "rtn",
+                                 "int4_output_bits": 4, "_gptq": {"act_order": True}},
     "gptq-act-b64-scale4": {"int4_algorithm": "gptq", "block_size": 64, "int4_scale_alphas": (0.0, 0.25, 0.5, 0.75),
                             "_gptq": {"act_order": True}},
     "gptq-act-b64-qkv8": {"int4_algorithm": "gptq", "block_size": 64, "int4_8bit_nodes": QKV8,

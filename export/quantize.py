@@ -135,6 +135,12 @@ class QuantOptions:
     # calibrated int4_algorithm: the fp32 package to calibrate on (None: the folder of the graph being quantized)
     int4_calibration_package: str | None = None
     int4_output_bits: int = 8  # bits for the decoder's output projection (lm_head) in int4 mode: 4 or 8
+    # int4_output_bits 8: store the lm_head as 4-bit + 4-bit residual and refine the logits of the 4-bit head's top
+    # k candidates from both (export/head_refine.py): a decode step reads 4-bit head bytes; 0 keeps the 8-bit head.
+    # Not for a tied lm_head (the embedding reads the 8-bit blocks): quantize_package_graphs sets 0 there.
+    # Off by default: on real SmolLM2-135M text weights k=32 kept top-1 (89.3%) but doubled KL (0.060 -> 0.130:
+    # the tail is 4-bit) for ~4% faster decode (head alone 1.12 -> 0.95 ms) - benchmarks/QUALITY.md round 4.
+    int4_output_topk: int = 0
     # int4 mode: MatMul nodes (fnmatch patterns on the node name) quantized to 8 bits instead of 4
     int4_8bit_nodes: tuple[str, ...] = ()
     # embedding tables (Gather on a constant table) in the embed_tokens graph, int4 mode
@@ -257,8 +263,11 @@ def quantize_package_graphs(package_dir: str | Path, out_dir: str | Path, plan: 
     for graph, mode in plan.items():
         if progress:
             progress(f"{graph}: quantizing to {mode}")
+        graph_options = options
+        if tied and graph == "decoder" and (options or QuantOptions()).int4_output_topk:
+            graph_options = dataclasses.replace(options or QuantOptions(), int4_output_topk=0)  # 8-bit blocks shared
         reports[graph] = quantize_graph(package_dir / files[graph], out_dir / files[graph], mode, graph=graph,
-                                        options=options)
+                                        options=graph_options)
         if progress:
             for line in reports[graph].lines():
                 progress(line)
@@ -822,6 +831,11 @@ def _to_nbits(model, graph: str, bits: int, options: QuantOptions, report: Quant
         model = _nbits_quantizer(model, bits=bits, options=options, exclude=special + eight)
     if special or eight:  # the rest: lm_head (int4_output_bits is 4 or 8) and the 8-bit layers
         model = _nbits_quantizer(model, bits=8, options=options)
+    refined = None
+    if special and options.int4_output_topk:
+        from .head_refine import refine_output_projection
+
+        refined = refine_output_projection(model, options.int4_output_topk)
     after = Counter(n.op_type for n in model.graph.node)
     made = after["MatMulNBits"] - before["MatMulNBits"]
     report.quantized = {"MatMul": made} if made else {}
@@ -831,7 +845,7 @@ def _to_nbits(model, graph: str, bits: int, options: QuantOptions, report: Quant
     report.method = (f"MatMulNBits {bits}-bit {algorithm}{note}, block {options.block_size}, "
                      f"{'symmetric' if options.symmetric else 'asymmetric'}"
                      f"{f', accuracy_level {level}' if level else ''}"
-                     f"{f'; output projection {options.int4_output_bits}-bit' if special else ''}"
+                     f"{f'; {refined}' if refined else f'; output projection {options.int4_output_bits}-bit' if special else ''}"
                      f"{f'; {len(eight)} MatMuls 8-bit ({patterns})' if eight else ''}")
     return model
 

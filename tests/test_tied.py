@@ -133,6 +133,21 @@ def test_asymmetric_blocks_share_their_zero_points(tied_checkpoint, tmp_path):
     np.testing.assert_allclose(rows, _lm_head_dequantized(out).T, rtol=0, atol=1e-6)
 
 
+def test_a_refined_head_is_not_made_where_the_embedding_reads_the_8bit_blocks(tied_checkpoint, tiny_checkpoint,
+                                                                            tmp_path):
+    """QuantOptions.int4_output_topk (export/head_refine.py) replaces the 8-bit lm_head; a tied package keeps it, and
+    shares it, while an untied one takes the refined head."""
+    options = q.QuantOptions(int4_output_topk=32, int4_scale_alphas=())
+    for name, checkpoint, refined in (("tied", tied_checkpoint, False), ("untied", tiny_checkpoint, True)):
+        fp32 = _export(checkpoint, tmp_path / f"{name}-fp32", "fp32")
+        out = tmp_path / name
+        shutil.copytree(fp32, out)
+        reports = q.quantize_package_graphs(fp32, out, q.plan_for("int4"), options=options)
+        ops = [n.op_type for n in onnx.load(str(out / "decoder_model_fused.onnx"), load_external_data=False).graph.node]
+        assert ("TopK" in ops) is refined and ("4-bit residual" in reports["decoder"].method) is refined
+        assert (TIED_FILE in reports["embed_tokens"].files) is (not refined)
+
+
 def test_tied_package_runs_close_to_fp32_and_serves(packages, tied_checkpoint, tmp_path):
     import edgevlm
     from edgevlm.runtime.engine import Engine
