@@ -84,6 +84,8 @@ PLANS: dict[str, dict] = {
                                       "int4_output_topk": 32, "_gptq": {"act_order": True}},
     "gptq-act-b64-rtnpick-lm4": {"int4_algorithm": "gptq", "block_size": 64, "int4_scale_select": "rtn",
                                  "int4_output_bits": 4, "_gptq": {"act_order": True}},
+    "gptq-act-b128-rtnpick": {"int4_algorithm": "gptq", "block_size": 128, "int4_scale_select": "rtn",
+                              "_gptq": {"act_order": True}},  # 4.5 bits a weight, as llama.cpp's Q4_0
     "gptq-act-b64-scale4": {"int4_algorithm": "gptq", "block_size": 64, "int4_scale_alphas": (0.0, 0.25, 0.5, 0.75),
                             "_gptq": {"act_order": True}},
     "gptq-act-b64-qkv8": {"int4_algorithm": "gptq", "block_size": 64, "int4_8bit_nodes": QKV8,
