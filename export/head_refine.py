@@ -13,7 +13,7 @@ block grid, W ≈ W4 + R4 with R4 the 4-bit quantization of the residual W − W
     logits = ScatterElements(coarse, top, exact)
 
 so the logits of the k most likely tokens are those of a ~7.6-bit head and the rest keep their 4-bit values. The
-argmax equals the two-table head's whenever its argmax is among the 4-bit head's k best (k = 32 by default); the
+argmax equals the two-table head's whenever its argmax is among the 4-bit head's k best (k = 32 measured); the
 tail the sampler rarely reaches is 4-bit. Everything stays inside the decoder graph: the runtime, the KV-cache
 variants and the prefill graph (which computes no logits) are unchanged.
 
@@ -25,19 +25,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from .int4_search import BlockQuant, pack
+from .tied import _attr
+
 PREFIX = "/lm_head/refine"
 
 
-def _attr(node, name, default=None):
-    from onnx import helper
-
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
-def rtn4(w: np.ndarray, block: int, divisors=(7.0, 7.5, 8.0)) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric 4-bit blocks of w [N, K] along K (K a multiple of `block`): codes [N, blocks, block] in 0..15
-    (value (code − 8) × scale) and scales [N, blocks], each block's scale the one of absmax / `divisors` with the
-    least squared error (7 alone: nothing clipped, every error within half a step)."""
+def rtn4(w: np.ndarray, block: int, divisors=(7.0, 7.5, 8.0)) -> BlockQuant:
+    """Symmetric 4-bit blocks of w [N, K] along K (K a multiple of `block`), each block's scale the one of
+    absmax / `divisors` with the least squared error (7 alone: nothing clipped, every error within half a step —
+    unlike `int4_search.rtn`, whose grid may clip the side opposite the block's extreme by a whole step)."""
     n, k = w.shape
     wb = w.reshape(n, k // block, block).astype(np.float32)
     amax = np.abs(wb).max(-1)
@@ -53,18 +50,7 @@ def rtn4(w: np.ndarray, block: int, divisors=(7.0, 7.5, 8.0)) -> tuple[np.ndarra
             best_q = np.where(take[..., None], q, best_q)
             best_s = np.where(take, s, best_s)
             best_err = np.minimum(err, best_err)
-    return (best_q + 8).astype(np.uint8), best_s.astype(np.float32)
-
-
-def pack4(codes: np.ndarray) -> np.ndarray:
-    """[N, blocks, block] codes → [N, blocks, block / 2] bytes, MatMulNBits' order (first value in the low nibble)."""
-    return np.ascontiguousarray((codes[..., 0::2] & 0x0F) | ((codes[..., 1::2] & 0x0F) << 4)).astype(np.uint8)
-
-
-def dequantize8(b: np.ndarray, scales: np.ndarray, n: int, k: int, block: int) -> np.ndarray:
-    """An 8-bit symmetric MatMulNBits weight (B [N, blocks, block] uint8, zero point 128) → float32 [N, K]."""
-    codes = b.reshape(n, k // block, block).astype(np.float32) - 128
-    return (codes * scales.reshape(n, k // block, 1).astype(np.float32)).reshape(n, k)
+    return BlockQuant((best_q + 8).astype(np.uint8), best_s.astype(np.float32), None, 4)
 
 
 def refine_output_projection(model, topk: int) -> str | None:
@@ -82,18 +68,19 @@ def refine_output_projection(model, topk: int) -> str | None:
     if bits != 8 or not block or k % block or len([i for i in head.input if i]) != 3 \
             or any(i not in inits for i in head.input[1:3]) or topk >= n:
         return None
-    w = dequantize8(numpy_helper.to_array(inits[head.input[1]]), numpy_helper.to_array(inits[head.input[2]]), n, k,
-                    block)
-    main, main_scales = rtn4(w, block, (7.0,))  # unclipped: the residual stays within half a 4-bit step
-    rest = w - ((main.astype(np.float32) - 8) * main_scales[..., None]).reshape(n, k)
-    resid, resid_scales = rtn4(rest, block, (7.0, 7.5))  # clips at most 1/15 of a block's largest value
     blocks = k // block
+    eight = BlockQuant(numpy_helper.to_array(inits[head.input[1]]).reshape(n, blocks, block),
+                       numpy_helper.to_array(inits[head.input[2]]).astype(np.float32).reshape(n, blocks), None, 8)
+    w = eight.dequantize(k).T  # [N, K]
+    main = rtn4(w, block, (7.0,))  # unclipped: the residual stays within half a 4-bit step
+    rest = w - main.dequantize(k).T
+    resid = rtn4(rest, block, (7.0, 7.5))  # clips at most 1/15 of a block's largest value
     base = head.input[1].rsplit("_Q", 1)[0]
     names = {"b": f"{base}_Q4", "s": f"{base}_Q4_scales", "rb": f"{base}_R4", "rs": f"{base}_R4_scales"}
-    tensors = [numpy_helper.from_array(pack4(main), names["b"]),
-               numpy_helper.from_array(main_scales, names["s"]),
-               numpy_helper.from_array(pack4(resid), names["rb"]),
-               numpy_helper.from_array(resid_scales, names["rs"])]
+    tensors = [numpy_helper.from_array(pack(main)[0], names["b"]),
+               numpy_helper.from_array(main.scales, names["s"]),
+               numpy_helper.from_array(pack(resid)[0], names["rb"]),
+               numpy_helper.from_array(resid.scales, names["rs"])]
 
     def const(name, values, dtype=np.int64):
         tensors.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), f"{PREFIX}/{name}"))
@@ -147,6 +134,6 @@ def refine_output_projection(model, topk: int) -> str | None:
     keep = [t for t in model.graph.initializer if t.name not in old]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep + tensors)
-    err = np.abs(rest - ((resid.astype(np.float32) - 8) * resid_scales[..., None]).reshape(n, k)).max()
+    err = np.abs(rest - resid.dequantize(k).T).max()
     return (f"output projection 4-bit + 4-bit residual, logits of the top {topk} refined "
             f"(two-table max |error| {err:.2e} vs 8-bit blocks)")

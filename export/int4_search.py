@@ -586,8 +586,8 @@ def quantize_matmuls(model, *, algorithm: str, block: int, symmetric: bool, accu
     alphas = tuple(scale_alphas) if algorithm == "gptq" and passes == 1 else ()
     norms = _scalable_norms(model, targets, inits) if alphas else {}
     products = _scalable_products(model, targets, inits) if alphas else {}
-    scaled_gammas: dict[str, np.ndarray] = {}
-    scaled_count = [0]
+    scaled_gammas: dict[str, np.ndarray] = {}  # norm gamma → the s its output is divided by
+    up_columns: dict[str, tuple] = {}  # gate_up MatMul → (offset, width, s) of the down projection it feeds
 
     def scaled_gptq(target, hessian):
         """AWQ-style: x W = (x / s)(s W) with s = rms(x)^α per input channel; α from `alphas` minimising the
@@ -612,7 +612,7 @@ def quantize_matmuls(model, *, algorithm: str, block: int, symmetric: bool, accu
         errors = {"rtn": 0.0, algorithm: 0.0}
         replaced, new_inits = {}, []
         scaled_gammas.clear()
-        scaled_count[0] = 0
+        up_columns.clear()
 
         def inputs_of(node, w):
             if isinstance(stats[node.input[0]], tuple):  # second pass: inputs of the quantized model
@@ -622,29 +622,25 @@ def quantize_matmuls(model, *, algorithm: str, block: int, symmetric: bool, accu
             return w, stats[node.input[0]] / max(tokens, 1)
 
         # down projections first: their input scaling divides the columns of the up projection before them
-        down, up_columns = {}, {}
-        if algorithm == "gptq":
-            for node, w in zip(targets, weights):
-                if node.name in products:
-                    down[node.name] = scaled_gptq(*inputs_of(node, w))
-                    if down[node.name][0] is not None:
-                        feeder, offset, width = products[node.name]
-                        up_columns[feeder] = (offset, width, down[node.name][0])
+        down = {}
+        for node, w in zip(targets, weights):
+            if node.name in products:
+                down[node.name] = scaled_gptq(*inputs_of(node, w))
+                if down[node.name][0] is not None:
+                    feeder, offset, width = products[node.name]
+                    up_columns[feeder] = (offset, width, down[node.name][0])
         for i, (node, w) in enumerate(zip(targets, weights)):
             target, hessian = inputs_of(node, w)
             if node.name in up_columns:  # x (W / s) over the up columns: the down projection reads act ⊙ up / s
                 offset, width, col_scale = up_columns[node.name]
                 target = target.copy()
                 target[:, offset:offset + width] /= col_scale
-            scale = None
             if node.name in down:
-                scale, quant, target, hessian = down[node.name]
-                scaled_count[0] += scale is not None
-            elif node.name in norms and algorithm == "gptq":  # 1/s folded into the norm's gamma
+                _, quant, target, hessian = down[node.name]
+            elif node.name in norms:  # 1/s folded into the norm's gamma
                 scale, quant, target, hessian = scaled_gptq(target, hessian)
                 if scale is not None:
                     scaled_gammas[norms[node.name]] = scale
-                    scaled_count[0] += 1
             elif algorithm == "gptq":
                 quant = gptq(target, hessian, block, symmetric, **gptq_options)
             else:
@@ -690,7 +686,8 @@ def quantize_matmuls(model, *, algorithm: str, block: int, symmetric: bool, accu
         del quantized
         replaced, new_inits, errors = quantize_all(sums)
     model = apply(model, replaced, new_inits)
-    summary = {"tokens": tokens, "nodes": len(targets), "output_error": errors, "scaled": scaled_count[0]}
+    summary = {"tokens": tokens, "nodes": len(targets), "output_error": errors,
+               "scaled": len(scaled_gammas) + len(up_columns)}  # each gamma and each up slice serves one MatMul
     return model, summary
 
 

@@ -264,8 +264,8 @@ def quantize_package_graphs(package_dir: str | Path, out_dir: str | Path, plan: 
         if progress:
             progress(f"{graph}: quantizing to {mode}")
         graph_options = options
-        if tied and graph == "decoder" and (options or QuantOptions()).int4_output_topk:
-            graph_options = dataclasses.replace(options or QuantOptions(), int4_output_topk=0)  # 8-bit blocks shared
+        if tied and graph == "decoder" and options is not None and options.int4_output_topk:
+            graph_options = dataclasses.replace(options, int4_output_topk=0)  # the 8-bit blocks are shared
         reports[graph] = quantize_graph(package_dir / files[graph], out_dir / files[graph], mode, graph=graph,
                                         options=graph_options)
         if progress:
@@ -836,6 +836,7 @@ def _to_nbits(model, graph: str, bits: int, options: QuantOptions, report: Quant
         from .head_refine import refine_output_projection
 
         refined = refine_output_projection(model, options.int4_output_topk)
+    head_note = refined or (f"output projection {options.int4_output_bits}-bit" if special else "")
     after = Counter(n.op_type for n in model.graph.node)
     made = after["MatMulNBits"] - before["MatMulNBits"]
     report.quantized = {"MatMul": made} if made else {}
@@ -845,7 +846,7 @@ def _to_nbits(model, graph: str, bits: int, options: QuantOptions, report: Quant
     report.method = (f"MatMulNBits {bits}-bit {algorithm}{note}, block {options.block_size}, "
                      f"{'symmetric' if options.symmetric else 'asymmetric'}"
                      f"{f', accuracy_level {level}' if level else ''}"
-                     f"{f'; {refined}' if refined else f'; output projection {options.int4_output_bits}-bit' if special else ''}"
+                     f"{f'; {head_note}' if head_note else ''}"
                      f"{f'; {len(eight)} MatMuls 8-bit ({patterns})' if eight else ''}")
     return model
 

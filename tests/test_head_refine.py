@@ -23,6 +23,17 @@ def _head_graph(w: np.ndarray):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
 
+def _table(model, name):
+    """The float [N, K] weight a refined head's 4-bit table `name` (packed codes + block scales) holds."""
+    from onnx import numpy_helper
+
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    b, s = arrays[name], arrays[name + "_scales"]
+    codes = np.empty(b.shape[:-1] + (2 * b.shape[-1],), np.float32)
+    codes[..., 0::2], codes[..., 1::2] = b & 15, b >> 4
+    return ((codes - 8) * s[..., None]).reshape(N, K)
+
+
 def _run(model, x):
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
@@ -46,17 +57,7 @@ def test_the_top_candidates_get_the_two_tables_logits_and_the_rest_the_4bit_ones
     ops = [n.op_type for n in refined.graph.node]
     assert ops.count("MatMulNBits") == 1 and "TopK" in ops and ops[-1] == "ScatterElements"
     # what the rewrite stored: the 4-bit table and its residual, as the graph's weights
-    inits = {t.name: t for t in refined.graph.initializer}
-    from onnx import numpy_helper
-
-    def table(b, s):
-        codes = np.empty(b.shape[:-1] + (2 * b.shape[-1],), np.float32)
-        codes[..., 0::2], codes[..., 1::2] = b & 15, b >> 4
-        return ((codes - 8) * s[..., None]).reshape(N, K)
-
-    arrays = {name: numpy_helper.to_array(t) for name, t in inits.items()}
-    w4 = table(arrays["lm_head.weight_Q4"], arrays["lm_head.weight_Q4_scales"])
-    r4 = table(arrays["lm_head.weight_R4"], arrays["lm_head.weight_R4_scales"])
+    w4, r4 = _table(refined, "lm_head.weight_Q4"), _table(refined, "lm_head.weight_R4")
     x = np.random.default_rng(4).standard_normal((3, 1, K)).astype(np.float32)
     logits = _run(refined, x)
     coarse, exact = x @ w4.T, x @ (w4 + r4).T
@@ -80,14 +81,7 @@ def test_greedy_picks_of_the_refined_head_follow_the_8bit_head_not_the_4bit_one(
     x = np.random.default_rng(5).standard_normal((400, 1, K)).astype(np.float32)
     eight = _run(eight_bit, x)[:, 0].argmax(-1)
     ours = _run(refined, x)[:, 0].argmax(-1)
-    inits = {t.name: t for t in refined.graph.initializer}
-    from onnx import numpy_helper
-
-    b = numpy_helper.to_array(inits["lm_head.weight_Q4"])
-    codes = np.empty(b.shape[:-1] + (2 * b.shape[-1],), np.float32)
-    codes[..., 0::2], codes[..., 1::2] = b & 15, b >> 4
-    four = (x[:, 0] @ ((codes - 8) * numpy_helper.to_array(inits["lm_head.weight_Q4_scales"])[..., None])
-            .reshape(N, K).T).argmax(-1)
+    four = (x[:, 0] @ _table(refined, "lm_head.weight_Q4").T).argmax(-1)
     assert (four != eight).sum() >= 10  # the 4-bit head alone disagrees often enough to tell
     assert (ours == eight).mean() > 0.97 and (ours == eight).sum() > (four == eight).sum() + 8
 
