@@ -10,8 +10,9 @@ A decode step reads every weight once and the whole KV cache once. This measures
   own session options, IOBinding with the cache buffers shared as past and present, random cache contents,
   batch 1) at each context: median of --steps steps, repeated --rounds times, rounds interleaved;
 - where a step's time goes (onnxruntime's profiler, a separate session): MatMulNBits (the weights),
-  GroupQueryAttention (the KV cache), the rest; and the attention at the longest context with 1 thread against
-  --threads threads (a kernel bound by memory gains little from a second thread, one bound by compute ~2x);
+  GroupQueryAttention (the KV cache), the rest; and both at the longest context with 1 thread against --threads
+  threads (a kernel bound by memory gains little from a second thread, one bound by compute ~2x; one thread alone
+  can read what the 1-process bandwidth says);
 - bytes a step reads: the MatMulNBits weights as onnxruntime packs them for its int8 kernels (accuracy level 4:
   the 4- or 8-bit values plus a float scale and a float block sum per block; the file's zero points, if any, are
   folded into the sums), and the KV cache at that context (layers × 2 × kv_heads × positions × head_dim × item
@@ -131,17 +132,18 @@ class Decoder:
 
 def profile_split(decoder: Decoder, context: int, count: int) -> dict[str, float]:
     """Seconds a step spends in MatMulNBits, GroupQueryAttention and the rest (profiled, median op totals)."""
-    decoder.steps(context, count)
+    decoder.steps(context, count + 1)
     trace = json.loads(Path(decoder.session.end_profiling()).read_text())
-    runs, parts = 0, {"weights": 0.0, "attention": 0.0, "other": 0.0}
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace
+                  if e.get("cat") == "Session" and e["name"] == "model_run")
+    warm_end = runs[0][1]  # the first step (arena growth) is left out
+    parts = {"weights": 0.0, "attention": 0.0, "other": 0.0}
     for event in trace:
-        if event.get("cat") == "Session" and event["name"] == "model_run":
-            runs += 1
-        elif event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= warm_end:
             op = event["args"]["op_name"]
             part = "weights" if op == "MatMulNBits" else "attention" if op == "GroupQueryAttention" else "other"
             parts[part] += event["dur"] * 1e-6
-    return {k: v / max(runs, 1) for k, v in parts.items()}
+    return {k: v / (len(runs) - 1) for k, v in parts.items()}
 
 
 def llama_bench(binary: str, gguf: str, contexts: list[int], threads: int, rounds: int) -> dict[int, float]:
@@ -207,7 +209,8 @@ def main() -> int:
                          "weights_gbs": wbytes / split["weights"] / 1e9,
                          "kv_gbs": kv / split["attention"] / 1e9 if split["attention"] else 0.0,
                          "step_gbs": (wbytes + kv) / step / 1e9,
-                         "attention_1thread_ms": single["attention"] * 1e3 if c == longest else None})
+                         "attention_1thread_ms": single["attention"] * 1e3 if c == longest else None,
+                         "weights_1thread_ms": single["weights"] * 1e3 if c == longest else None})
         print(f"{cache}: done", file=sys.stderr)
     llama = llama_bench(args.llama_bench, args.gguf, args.contexts, args.threads, args.rounds) \
         if args.llama_bench else {}
@@ -220,8 +223,8 @@ def main() -> int:
              "against the first context are unprofiled.", "",
              "| KV cache | context | step (ms) | tok/s | ÷ first context | weights MB | KV MB | MatMulNBits ms "
              f"(GB/s, of {many:.0f}) | GroupQueryAttention ms (GB/s) | other ops ms | whole step GB/s | "
-             "extra KV ÷ extra time (GB/s) | attention, 1 thread ms |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "extra KV ÷ extra time (GB/s) | MatMulNBits, 1 thread ms (GB/s) | attention, 1 thread ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     first, first_kv = {}, {}
     for r in rows:
         first.setdefault(r["cache"], r["step_ms"])
@@ -229,12 +232,14 @@ def main() -> int:
         extra = r["step_ms"] - first[r["cache"]]
         marginal = f"{(r['kv_mb'] - first_kv[r['cache']]) / extra:.1f}" if extra > 0 else "–"
         single = f"{r['attention_1thread_ms']:.2f}" if r["attention_1thread_ms"] is not None else "–"
+        single_w = (f"{r['weights_1thread_ms']:.2f} ({r['weights_mb'] / r['weights_1thread_ms']:.1f})"
+                    if r["weights_1thread_ms"] is not None else "–")
         lines.append(
             f"| {r['cache']} | {r['context']:,} | {r['step_ms']:.2f} | {1e3 / r['step_ms']:.0f} | "
             f"{first[r['cache']] / r['step_ms']:.2f} | {r['weights_mb']:.1f} | {r['kv_mb']:.1f} | "
             f"{r['weights_ms']:.2f} ({r['weights_gbs']:.1f}, {r['weights_gbs'] / many:.0%}) | "
             f"{r['attention_ms']:.2f} ({r['kv_gbs']:.1f}) | {r['other_ms']:.2f} | {r['step_gbs']:.1f} | {marginal} | "
-            f"{single} |")
+            f"{single_w} | {single} |")
     if llama:
         size = Path(args.gguf).stat().st_size
         lines += ["", f"llama.cpp baseline, same run (`llama-bench -p 0 -n 64 -t {args.threads} -r {args.rounds}`, "
